@@ -1,0 +1,225 @@
+"""The ``moot`` command: a thin click shell over the library (DESIGN section 8).
+
+Every command opens the log, calls the library, prints. Exit codes: 0 success; 1 the
+command ran and found a problem (a failed session, a broken chain, a divergence);
+2 bad usage or unreadable input. Errors are one line on stderr, never a traceback.
+Read-only commands open the database read-only and never change it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+import msgspec
+from moot.events import MootError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from moot.store import EventLog
+
+__all__ = ["cli", "main"]
+
+
+class Problem(Exception):
+    """The command ran and found a problem: print ``message`` and exit 1."""
+
+
+def _db_path(ctx: click.Context) -> str:
+    path: str = ctx.obj["db"]
+    return path
+
+
+def open_log(ctx: click.Context, *, readonly: bool = True) -> EventLog:
+    """Open the database named by ``--db`` / ``$MOOT_DB`` (read-only unless asked)."""
+    from moot.store import EventLog
+
+    key = os.environ.get("MOOT_AUDIT_KEY") or None
+    log = EventLog(_db_path(ctx), readonly=readonly, audit_key=key)
+    ctx.call_on_close(log.close)
+    return log
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    metavar="PATH",
+    envvar="MOOT_DB",
+    default="moot.db",
+    show_default="$MOOT_DB, else ./moot.db",
+    help="The event log database.",
+)
+@click.version_option(package_name="moot", prog_name="moot")
+@click.pass_context
+def cli(ctx: click.Context, db: str) -> None:
+    """moot: multi-agent dialogues and tool loops, every step on the record."""
+    ctx.obj = {"db": db}
+
+
+# ------------------------------------------------------------------ inspection
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON array of objects.")
+@click.pass_context
+def sessions(ctx: click.Context, as_json: bool) -> None:
+    """List streams: id, kind, status, events, updated."""
+    heads = open_log(ctx).streams()
+    if as_json:
+        rows = [
+            {
+                "stream": h.stream,
+                "kind": h.kind,
+                "parent": h.parent,
+                "status": h.status,
+                "events": h.last_seq,
+                "created_at": h.created_at,
+                "updated_at": h.updated_at,
+            }
+            for h in heads
+        ]
+        click.echo(msgspec.json.encode(rows).decode())
+        return
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold")
+    for column in ("stream", "kind", "status", "events", "updated", "parent"):
+        table.add_column(column, justify="right" if column == "events" else "left")
+    for h in heads:
+        table.add_row(h.stream, h.kind, h.status, str(h.last_seq), h.updated_at, h.parent or "")
+    _console().print(table)
+
+
+@cli.command()
+@click.argument("stream")
+@click.pass_context
+def show(ctx: click.Context, stream: str) -> None:
+    """The transcript of STREAM for people, tool loops nested under their messages."""
+    from ._render import show_stream
+
+    show_stream(open_log(ctx), stream, _console())
+
+
+@cli.command()
+@click.argument("stream", required=False)
+@click.option("--type", "types", multiple=True, metavar="T", help="Only events of this type.")
+@click.option("--after", type=int, default=0, metavar="POSITION", help="Only after this position.")
+@click.option("--jsonl", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def events(
+    ctx: click.Context, stream: str | None, types: tuple[str, ...], after: int, jsonl: bool
+) -> None:
+    """Raw events, of all streams or of STREAM, in log order."""
+    from ._render import event_line, jsonl_line
+
+    log = open_log(ctx)
+    if stream is not None:
+        log.stream_info(stream)  # an unknown stream is an error, not an empty list
+    wanted = set(types)
+    for row in log.read_rows(after, stream=stream):
+        if wanted and row.type not in wanted:
+            continue
+        click.echo(jsonl_line(row) if jsonl else event_line(row))
+
+
+@cli.command()
+@click.argument("stream")
+@click.option("--until", type=int, default=None, metavar="SEQ", help="Fold events up to SEQ.")
+@click.option("--json", "as_json", is_flag=True, help="Compact JSON on one line.")
+@click.pass_context
+def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) -> None:
+    """The state of STREAM rebuilt from its events, as JSON."""
+    state = open_log(ctx).replay(stream, until_seq=until)
+    encoded = msgspec.json.encode(state)
+    click.echo(encoded.decode() if as_json else msgspec.json.format(encoded, indent=2).decode())
+
+
+@cli.command()
+@click.argument("stream", required=False)
+@click.pass_context
+def verify(ctx: click.Context, stream: str | None) -> None:
+    """Check the hash chains (of STREAM, or of every stream)."""
+    log = open_log(ctx)
+    if stream is not None:
+        log.stream_info(stream)
+    report = log.verify(stream)
+    if not report.ok:
+        raise Problem(f"broken at position {report.first_bad}: {report.reason}")
+    click.echo(f"ok {report.checked} events")
+
+
+@cli.command()
+@click.option(
+    "-n",
+    "--lines",
+    "count",
+    type=int,
+    default=10,
+    show_default=True,
+    help="How many recent events to print first.",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing events as they are appended.")
+@click.option("--jsonl", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def tail(ctx: click.Context, count: int, follow: bool, jsonl: bool) -> None:
+    """The last events, and with --follow new ones as any process appends them."""
+    from ._render import event_line, jsonl_line
+
+    log = open_log(ctx)
+    last = max((h.last_position for h in log.streams()), default=0)
+    start = max(0, last - count)
+    fmt = jsonl_line if jsonl else event_line
+    position = start
+    for row in log.read_rows(start):
+        click.echo(fmt(row))
+        position = row.position
+    if not follow:
+        return
+    with log.subscribe(after_position=position) as sub:
+        for_ever = iter(lambda: sub.next_row(timeout=None), None)
+        for row in for_ever:
+            click.echo(fmt(row))
+            sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------- main
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    first = message.strip().splitlines()[0] if message.strip() else "error"
+    click.echo(f"moot: {first}", err=True)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the CLI: one-line errors on stderr, exit 0 / 1 / 2, never a traceback."""
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None, prog_name="moot", standalone_mode=False
+        )
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), 2)
+    except Problem as exc:
+        _fail(str(exc), 1)
+    except MootError as exc:
+        _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (``moot events | head``): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(0)

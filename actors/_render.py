@@ -1,0 +1,194 @@
+"""Rendering the log for people (``moot show``, ``moot events``) and machines (``--jsonl``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from moot.events import (
+    ApprovalRequested,
+    DialogueClosed,
+    DialogueMessage,
+    DialogueStarted,
+    Done,
+    IterationStart,
+    LlmResponse,
+    LoopDetected,
+    LoopFailed,
+    LoopStarted,
+    MessagesInjected,
+    ObservationsMasked,
+    ParticipantFailed,
+    ParticipantJoined,
+    ParticipantRemoved,
+    ReasoningBlock,
+    TextBlock,
+    ToolCallBlock,
+    ToolCallDecided,
+    ToolExecutionEnd,
+    TurnCompleted,
+    TurnStarted,
+    text_of,
+)
+from rich.markup import escape
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from moot.store import LogBase, Record, StoredEvent
+    from rich.console import Console
+
+__all__ = ["event_line", "jsonl_line", "show_stream"]
+
+_json = msgspec.json.Encoder()
+
+
+def jsonl_line(row: StoredEvent) -> str:
+    """One event as a JSON object on one line (the ``--jsonl`` format)."""
+    body = {
+        "position": row.position,
+        "stream": row.stream,
+        "seq": row.seq,
+        "type": row.type,
+        "version": row.version,
+        "recorded_at": row.recorded_at,
+        "data": msgspec.Raw(row.data.encode()),
+    }
+    return _json.encode(body).decode()
+
+
+def event_line(row: StoredEvent, width: int = 100) -> str:
+    """One event as a short line for people: position, stream#seq, type, a data excerpt."""
+    data = row.data
+    excerpt = data if len(data) <= width else data[: width - 1] + "…"
+    return f"{row.position:>7} {row.recorded_at} {row.stream}#{row.seq} {row.type} {excerpt}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = value if isinstance(value, str) else _json.encode(value).decode()
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def show_stream(log: LogBase, stream: str, console: Console) -> None:
+    """Print a stream as a transcript: dialogues by turn, tool loops nested under replies."""
+    info = log.stream_info(stream)
+    if info.kind == "loop":
+        _show_loop(log, stream, console, indent="")
+    else:
+        _show_dialogue(log, stream, console)
+    console.print(f"[dim]{info.status} · {info.last_seq} events · updated {info.updated_at}[/dim]")
+
+
+def _show_dialogue(log: LogBase, stream: str, console: Console) -> None:
+    for record in log.read(stream):
+        for line in _dialogue_lines(record):
+            console.print(line)
+        event = record.event
+        if isinstance(event, DialogueMessage) and event.loop:
+            _show_loop(log, event.loop, console, indent="      ")
+
+
+def _dialogue_lines(record: Record) -> list[str | Text]:
+    event = record.event
+    match event:
+        case DialogueStarted():
+            names = ", ".join(
+                p.name + (f" ({p.role})" if p.role else "") for p in event.participants
+            )
+            lines: list[str | Text] = [
+                f"[bold]Dialogue {escape(record.stream)}[/bold] · {event.mode} · {event.order}",
+                f"[dim]participants:[/dim] {escape(names) or '-'}",
+            ]
+            if event.context is not None and event.context.environment:
+                lines.append(f"[dim]context:[/dim] {escape(event.context.environment)}")
+            return lines
+        case TurnStarted():
+            return ["", f"[bold cyan]── Turn {event.turn} ──[/bold cyan]"]
+        case DialogueMessage():
+            who = event.speaker.name + (f" ({event.speaker.role})" if event.speaker.role else "")
+            style = "green" if event.origin == "agent" else "yellow"
+            tag = (
+                ""
+                if event.message_type == "conversational"
+                else f" [dim]{escape('[' + event.message_type + ']')}[/dim]"
+            )
+            head = Text.from_markup(f"  [{style}]{escape(who)}[/{style}]{tag}: ")
+            head.append(event.content)
+            return [head]
+        case ParticipantFailed():
+            return [
+                f"  [red]{escape(event.participant)} failed:[/red] {escape(event.error.message)}"
+            ]
+        case ParticipantJoined():
+            return [f"  [dim]{escape(event.participant.name)} joined ({event.strategy.kind})[/dim]"]
+        case ParticipantRemoved():
+            return [f"  [dim]{escape(event.name)} left[/dim]"]
+        case TurnCompleted() if event.failed:
+            return [f"  [dim]turn {event.turn}: {len(event.failed)} failed[/dim]"]
+        case DialogueClosed():
+            return ["", f"[dim]closed: {escape(event.reason)}[/dim]"]
+        case _:
+            return []
+
+
+def _show_loop(log: LogBase, stream: str, console: Console, indent: str) -> None:
+    console.print(f"{indent}[magenta]└ loop {escape(stream)}[/magenta]")
+    for record in log.read(stream):
+        for line in _loop_lines(record):
+            console.print(
+                Text(indent + "  ") + (Text.from_markup(line) if isinstance(line, str) else line)
+            )
+
+
+def _loop_lines(record: Record) -> list[str | Text]:
+    event = record.event
+    match event:
+        case LoopStarted():
+            tools = ", ".join(t.name for t in event.tools) or "none"
+            prompt = next(
+                (text_of(m.content) for m in reversed(event.messages) if m.role == "user"), ""
+            )
+            return [f"[dim]tools: {escape(tools)}[/dim]", Text("prompt: " + _short(prompt))]
+        case IterationStart():
+            return [f"[bold]iteration {event.iteration}[/bold]"]
+        case LlmResponse():
+            lines: list[str | Text] = []
+            for block in event.content:
+                if isinstance(block, ReasoningBlock) and block.text:
+                    lines.append(Text("  thinking: " + _short(block.text), style="dim"))
+                elif isinstance(block, TextBlock):
+                    lines.append(Text("  " + block.text))
+                elif isinstance(block, ToolCallBlock):
+                    lines.append(Text(f"  → {block.name}({_short(block.arguments)}) [{block.id}]"))
+            return lines
+        case ApprovalRequested():
+            return [f"  [yellow]awaiting approval: {', '.join(c.id for c in event.calls)}[/yellow]"]
+        case ToolCallDecided():
+            return [
+                f"  [yellow]{event.decision} {escape(event.call_id)}[/yellow]"
+                + (f" ({escape(event.reason)})" if event.reason else "")
+            ]
+        case ToolExecutionEnd():
+            mark = "[red]✗[/red]" if event.is_error else "[green]=[/green]"
+            return [
+                Text.from_markup(f"  {mark} {escape(event.tool_name)}: ").append(
+                    _short(event.content)
+                )
+            ]
+        case LoopDetected():
+            what = f"{escape(event.tool_name)} x{event.consecutive_count} ({event.action})"
+            return [f"  [red]loop detected: {what}[/red]"]
+        case MessagesInjected():
+            return [f"  [dim]injected {len(event.messages)} message(s) ({event.source})[/dim]"]
+        case ObservationsMasked():
+            return [f"  [dim]masked {event.masked_count} old result(s)[/dim]"]
+        case Done():
+            detail = f": {event.termination.detail}" if event.termination.detail else ""
+            return [
+                f"[bold green]done[/bold green] ({event.termination.reason}{escape(detail)}) "
+                f"after {event.iterations} iteration(s)"
+            ]
+        case LoopFailed():
+            return [f"[bold red]failed[/bold red]: {escape(event.error.message)}"]
+        case _:
+            return []

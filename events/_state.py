@@ -1,0 +1,402 @@
+"""The folds: ``state = evolve(state, event)``, the only way session state changes.
+
+Live actors and :meth:`EventLog.replay` run exactly this code, so the state of a
+live session equals the replay of its stream at every point. The folds are pure: no
+I/O, no clocks, no randomness. For speed they update the state object in place and
+return it; a caller that needs the old state keeps a copy (``msgspec.structs.replace``
+or a fresh replay).
+
+Each state counts the events folded into it (``seq``). Streams are gap-free and start
+at 1, so the n-th event folded is the event at seq n, and a message's id is
+``(stream, seq)``.
+
+A dialogue's state does not keep its whole history: the log does. It keeps the
+messages that some participant has not received yet (``messages``) and, for each
+participant, the highest message seq it has been given or skipped (``delivered``).
+Memory stays flat however long the dialogue runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from ._events import (
+    ApprovalRequested,
+    DialogueClosed,
+    DialogueContext,
+    DialogueMessage,
+    DialogueStarted,
+    Done,
+    Event,
+    IterationStart,
+    JoiningStrategy,
+    LlmResponse,
+    LoopConfigInfo,
+    LoopDetected,
+    LoopFailed,
+    LoopParent,
+    LoopStarted,
+    MessagesInjected,
+    ObservationsMasked,
+    ParticipantFailed,
+    ParticipantJoined,
+    ParticipantRemoved,
+    PayloadDelivered,
+    Termination,
+    ToolCallDecided,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolSpec,
+    TurnCompleted,
+    TurnStarted,
+)
+from ._types import (
+    ChatMessage,
+    ContentBlock,
+    Error,
+    ParticipantInfo,
+    ToolCallBlock,
+    ToolResultBlock,
+    Usage,
+)
+
+__all__ = [
+    "MASKED_RESULT",
+    "DialogueState",
+    "LoopState",
+    "State",
+    "Status",
+    "TurnState",
+    "denied_result",
+    "evolve",
+    "fold",
+    "next_status",
+]
+
+Status = Literal["open", "awaiting", "completed", "failed", "closed"]
+
+#: What a masked tool result says instead of its content (ObservationsMasked).
+MASKED_RESULT = "[older tool result masked to save context]"
+
+_TERMINAL = frozenset(("completed", "failed", "closed"))
+
+
+def next_status(current: Status, event: Event) -> Status:
+    """The stream status after ``event`` (the ``status`` column of ``streams``).
+
+    ``completed``, ``failed`` and ``closed`` are final. A loop is ``awaiting`` from its
+    ``ApprovalRequested`` until the next event that is not a decision.
+    """
+    match event:
+        case DialogueStarted() | LoopStarted():
+            return "open"
+        case _ if current in _TERMINAL:
+            return current
+        case ApprovalRequested():
+            return "awaiting"
+        case ToolCallDecided():
+            return current
+        case Done():
+            return "completed"
+        case LoopFailed():
+            return "failed"
+        case DialogueClosed():
+            return "closed"
+        case _:
+            return "open"
+
+
+# --------------------------------------------------------------------- dialogue
+
+
+class TurnState(msgspec.Struct, kw_only=True):
+    """The turn in progress (or the last one, once completed)."""
+
+    turn: int = 0
+    open: bool = False
+    speakers: tuple[str, ...] = ()
+    #: The recorded payload of each participant that was given one this turn.
+    payloads: dict[str, tuple[int, ...]] = {}
+    #: Participant name -> seq of its reply this turn.
+    replies: dict[str, int] = {}
+    failures: dict[str, Error] = {}
+    #: seq of the turn's incoming messages.
+    inputs: list[int] = []
+
+
+class DialogueState(msgspec.Struct, kw_only=True):
+    """Everything a dialogue's coordinator needs to go on, rebuilt from its events."""
+
+    seq: int = 0
+    status: Status = "open"
+    mode: str = "broadcast"
+    order: str = "completion"
+    names: tuple[str, ...] = ()
+    context: DialogueContext | None = None
+    reaction: str | None = None
+    metadata: dict[str, Any] | None = None
+    #: Current participants, in the order they were added.
+    participants: dict[str, ParticipantInfo] = {}
+    #: Participants that joined late and have not had their first payload yet.
+    pending_joiners: dict[str, JoiningStrategy] = {}
+    #: Per participant, the highest message seq it has been given (or skipped when it
+    #: joined): the participant has received every message up to this seq except its own.
+    delivered: dict[str, int] = {}
+    #: Messages that some participant has not received yet, by seq.
+    messages: dict[int, DialogueMessage] = {}
+    message_count: int = 0
+    last_message_seq: int = 0
+    #: The last turn that produced at least one agent reply.
+    last_agent_turn: int = 0
+    current: TurnState = msgspec.field(default_factory=TurnState)
+    usage: Usage = Usage()
+    close_reason: str | None = None
+
+    @property
+    def turn(self) -> int:
+        return self.current.turn
+
+    def undelivered(self, participant: str) -> list[int]:
+        """Seqs of the messages ``participant`` has not received yet, in order (own excluded)."""
+        mark = self.delivered.get(participant, 0)
+        return [
+            seq
+            for seq, msg in self.messages.items()
+            if seq > mark and msg.speaker.name != participant
+        ]
+
+
+def _start_dialogue(ev: DialogueStarted) -> DialogueState:
+    return DialogueState(
+        seq=1,
+        mode=ev.mode,
+        order=ev.order,
+        names=ev.names,
+        context=ev.context,
+        reaction=ev.reaction,
+        metadata=ev.metadata,
+        participants={p.name: p for p in ev.participants},
+        delivered={p.name: 0 for p in ev.participants},
+    )
+
+
+def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
+    s.seq += 1
+    match ev:
+        case DialogueMessage():
+            s.messages[s.seq] = ev
+            s.message_count += 1
+            s.last_message_seq = s.seq
+            if ev.origin == "incoming":
+                s.current.inputs.append(s.seq)
+            else:
+                s.current.replies[ev.speaker.name] = s.seq
+                s.last_agent_turn = ev.turn
+                if ev.usage is not None:
+                    s.usage = s.usage + ev.usage
+        case PayloadDelivered():
+            s.current.payloads[ev.participant] = ev.messages
+            s.pending_joiners.pop(ev.participant, None)
+            if ev.messages:
+                s.delivered[ev.participant] = max(
+                    s.delivered.get(ev.participant, 0), ev.messages[-1]
+                )
+            _prune(s)
+        case TurnStarted():
+            s.current = TurnState(turn=ev.turn, open=True, speakers=ev.speakers)
+        case ParticipantFailed():
+            s.current.failures[ev.participant] = ev.error
+        case TurnCompleted():
+            s.current.open = False
+        case ParticipantJoined():
+            s.participants[ev.participant.name] = ev.participant
+            s.pending_joiners[ev.participant.name] = ev.strategy
+            # History before the join is the strategy's business (read from the log
+            # when the first payload is built), so it does not pin messages in memory.
+            s.delivered[ev.participant.name] = s.last_message_seq
+        case ParticipantRemoved():
+            s.participants.pop(ev.name, None)
+            s.pending_joiners.pop(ev.name, None)
+            s.delivered.pop(ev.name, None)
+            _prune(s)
+        case DialogueClosed():
+            s.close_reason = ev.reason
+        case _:
+            raise TypeError(f"{type(ev).__name__} does not belong in a dialogue stream")
+    s.status = next_status(s.status, ev)
+    return s
+
+
+def _prune(s: DialogueState) -> None:
+    """Forget messages every current participant has received."""
+    if not s.messages:
+        return
+    low = min(s.delivered.values(), default=s.last_message_seq)
+    if next(iter(s.messages)) > low:
+        return
+    s.messages = {seq: m for seq, m in s.messages.items() if seq > low}
+
+
+# -------------------------------------------------------------------- tool loop
+
+
+class LoopState(msgspec.Struct, kw_only=True):
+    """A tool loop rebuilt from its events: the history the next model call sees, and more."""
+
+    seq: int = 0
+    status: Status = "open"
+    parent: LoopParent | None = None
+    depth: int = 0
+    config: LoopConfigInfo = LoopConfigInfo()
+    tools: tuple[ToolSpec, ...] = ()
+    model: str | None = None
+    #: The chat history exactly as the next model call will see it.
+    messages: list[ChatMessage] = []
+    #: The last iteration started (1-based).
+    iteration: int = 0
+    usage: Usage = Usage()
+    #: Calls of the last response that are still waiting for their results, in call order.
+    round_calls: list[ToolCallBlock] = []
+    #: Results received so far for ``round_calls``, by call id.
+    results: dict[str, ToolResultBlock] = {}
+    #: Calls waiting for a person's decision.
+    awaiting: list[ToolCallBlock] = []
+    #: Decisions taken this round, by call id.
+    decisions: dict[str, ToolCallDecided] = {}
+    #: Tools started and not ended (what a crash interrupted), by call id.
+    running: dict[str, ToolExecutionStart] = {}
+    last_response: tuple[ContentBlock, ...] = ()
+    stop_reason: str | None = None
+    detections: int = 0
+    masked_results: int = 0
+    tokens_saved: int = 0
+    termination: Termination | None = None
+    response: tuple[ContentBlock, ...] = ()
+    error: Error | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _TERMINAL
+
+
+def denied_result(call_id: str, reason: str | None) -> ToolResultBlock:
+    """The error result a denied call sends back to the model."""
+    text = "Tool call denied" + (f": {reason}" if reason else "")
+    return ToolResultBlock(tool_call_id=call_id, content=text, is_error=True)
+
+
+def _start_loop(ev: LoopStarted) -> LoopState:
+    return LoopState(
+        seq=1,
+        parent=ev.parent,
+        depth=ev.depth,
+        config=ev.config,
+        tools=ev.tools,
+        model=ev.model,
+        messages=list(ev.messages),
+    )
+
+
+def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
+    s.seq += 1
+    match ev:
+        case IterationStart():
+            s.iteration = ev.iteration
+        case LlmResponse():
+            s.usage = s.usage + ev.usage
+            s.messages.append(ChatMessage(role="assistant", content=ev.content))
+            s.last_response = ev.content
+            s.stop_reason = ev.stop_reason
+            s.round_calls = [b for b in ev.content if isinstance(b, ToolCallBlock)]
+            s.results = {}
+            s.decisions = {}
+        case ToolExecutionStart():
+            s.running[ev.call_id] = ev
+        case ToolExecutionEnd():
+            s.running.pop(ev.call_id, None)
+            _add_result(s, ToolResultBlock(ev.call_id, ev.content, ev.is_error))
+        case ApprovalRequested():
+            s.awaiting = list(ev.calls)
+        case ToolCallDecided():
+            s.awaiting = [c for c in s.awaiting if c.id != ev.call_id]
+            s.decisions[ev.call_id] = ev
+            if ev.decision == "deny":
+                _add_result(s, denied_result(ev.call_id, ev.reason))
+        case LoopDetected():
+            s.detections += 1
+        case MessagesInjected():
+            s.messages.extend(ev.messages)
+        case ObservationsMasked():
+            _mask(s, ev.masked_count)
+            s.tokens_saved += ev.tokens_saved
+        case Done():
+            s.termination = ev.termination
+            s.response = ev.response
+        case LoopFailed():
+            s.error = ev.error
+        case _:
+            raise TypeError(f"{type(ev).__name__} does not belong in a loop stream")
+    s.status = next_status(s.status, ev)
+    return s
+
+
+def _add_result(s: LoopState, result: ToolResultBlock) -> None:
+    """Collect a result; once the round is complete, feed all of them back in call order."""
+    s.results[result.tool_call_id] = result
+    if s.round_calls and all(c.id in s.results for c in s.round_calls):
+        content = tuple(s.results[c.id] for c in s.round_calls)
+        s.messages.append(ChatMessage(role="tool", content=content))
+        s.round_calls = []
+        s.results = {}
+
+
+def _mask(s: LoopState, count: int) -> None:
+    """Replace the oldest ``count`` unmasked tool results with :data:`MASKED_RESULT`."""
+    seen = 0
+    target = s.masked_results + count
+    for i, msg in enumerate(s.messages):
+        if msg.role != "tool" or seen >= target:
+            continue
+        blocks = list(msg.content)
+        for j, block in enumerate(blocks):
+            if isinstance(block, ToolResultBlock):
+                seen += 1
+                if s.masked_results < seen <= target:
+                    blocks[j] = msgspec.structs.replace(block, content=MASKED_RESULT)
+        s.messages[i] = ChatMessage(role="tool", content=tuple(blocks))
+    s.masked_results = min(seen, target)
+
+
+# ------------------------------------------------------------------------ both
+
+State = DialogueState | LoopState
+
+
+def evolve(state: State | None, event: Event) -> State:
+    """Fold one event into a state. ``state`` is None before the stream's first event.
+
+    Raises:
+        TypeError: the event does not fit the stream (a loop event in a dialogue, or a
+            first event other than DialogueStarted / LoopStarted).
+    """
+    if state is None:
+        if isinstance(event, DialogueStarted):
+            return _start_dialogue(event)
+        if isinstance(event, LoopStarted):
+            return _start_loop(event)
+        raise TypeError(
+            f"a stream must start with DialogueStarted or LoopStarted, not {type(event).__name__}"
+        )
+    if isinstance(state, DialogueState):
+        return _evolve_dialogue(state, event)
+    return _evolve_loop(state, event)
+
+
+def fold(events: Any) -> State | None:
+    """Fold an iterable of events from the start of a stream."""
+    state: State | None = None
+    for event in events:
+        state = evolve(state, event)
+    return state

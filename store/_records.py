@@ -1,0 +1,75 @@
+"""What the log hands out: stored rows, decoded records, stream heads, verify reports."""
+
+from __future__ import annotations
+
+import msgspec
+from moot.events import Event, Status, decode_event
+
+__all__ = ["Record", "StoredEvent", "StreamInfo", "VerifyReport", "to_record"]
+
+
+class StoredEvent(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One row of the ``events`` table, exactly as stored (``data`` is the JSON text)."""
+
+    position: int
+    stream: str
+    seq: int
+    type: str
+    version: int
+    recorded_at: str
+    data: str
+    prev_hash: str
+    hash: str
+
+
+class Record(msgspec.Struct, frozen=True, gc=False):
+    """One event as read back: where it sits in the log, and the decoded event."""
+
+    position: int
+    stream: str
+    seq: int
+    type: str
+    version: int
+    recorded_at: str
+    event: Event
+
+
+def to_record(row: StoredEvent) -> Record:
+    """Decode a stored row (upcasting old versions). The one mapper from rows to records."""
+    return Record(
+        row.position,
+        row.stream,
+        row.seq,
+        row.type,
+        row.version,
+        row.recorded_at,
+        decode_event(row.type, row.version, row.data),
+    )
+
+
+class StreamInfo(msgspec.Struct, frozen=True):
+    """One row of the ``streams`` table: a stream's kind, status and head."""
+
+    stream: str
+    kind: str
+    parent: str | None
+    status: Status
+    created_at: str
+    updated_at: str
+    last_seq: int
+    last_hash: str
+    last_position: int
+
+
+class VerifyReport(msgspec.Struct, frozen=True):
+    """The outcome of :meth:`EventLog.verify`.
+
+    ``ok`` is true when every hash, seq and head checks out; otherwise ``first_bad`` is
+    the position of the first event found wrong (or missing), and ``reason`` says why.
+    """
+
+    ok: bool
+    checked: int
+    first_bad: int | None = None
+    reason: str | None = None
+    stream: str | None = None

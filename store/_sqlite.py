@@ -1,0 +1,274 @@
+"""The SQLite event log: the schema of DESIGN section 3 behind the shared log rules.
+
+Writes go through one connection in ``BEGIN IMMEDIATE`` transactions, one per group
+commit; reads of a file database use a second connection, so a long read never holds
+up a writer (WAL lets both run at once). An in-memory database has one connection,
+which reads and writes share under one lock.
+
+The schema is created with sqlite-utils; appends use ``executemany`` on the same
+connection, because the append funnel must stay within a few per cent of raw sqlite3
+(``scripts/bench`` measures it), and sqlite-utils' ``insert_all`` spends its time on
+column discovery that a fixed schema does not need.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+
+from ._base import LogBase
+from ._errors import DatabaseError, StoreError
+from ._records import StoredEvent, StreamInfo, VerifyReport
+from ._schema import connect, prepare
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+__all__ = ["EventLog"]
+
+_COLUMNS = "position, stream, seq, type, version, recorded_at, data, prev_hash, hash"
+_HEAD_COLUMNS = (
+    "stream, kind, parent, status, created_at, updated_at, last_seq, last_hash, last_position"
+)
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: Rows per INSERT statement: 9 parameters each, within SQLite's limit of 32,766.
+_CHUNK = 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _insert(rows: int) -> str:
+    return f"INSERT INTO events ({_COLUMNS}) VALUES " + ", ".join([_ROW] * rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert(rows: int) -> str:
+    return (
+        f"INSERT INTO streams ({_HEAD_COLUMNS}) VALUES " + ", ".join([_ROW] * rows) + " "
+        "ON CONFLICT(stream) DO UPDATE SET status = excluded.status, "
+        "updated_at = excluded.updated_at, last_seq = excluded.last_seq, "
+        "last_hash = excluded.last_hash, last_position = excluded.last_position"
+    )
+
+
+class _Tx:
+    """A write transaction on the writer connection (see :class:`moot.store._base.Transaction`)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
+        # One statement for all of it: each call releases and retakes the GIL, which
+        # costs more than the query when other threads are queueing appends.
+        names = list(streams)
+        marks = ", ".join("?" * len(names))
+        rows = self._conn.execute(
+            f"SELECT (SELECT max(position) FROM events), {_HEAD_COLUMNS} FROM streams "
+            f"WHERE stream IN ({marks}) UNION ALL SELECT (SELECT max(position) FROM events), "
+            "NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL",
+            names,
+        ).fetchall()
+        found = {r[1]: StreamInfo(*r[1:]) for r in rows if r[1] is not None}
+        return int(rows[-1][0] or 0), found
+
+    def write(self, rows: list[tuple[Any, ...]], heads: list[StreamInfo]) -> None:
+        # Multi-row statements rather than executemany: the sqlite3 module releases and
+        # retakes the GIL around every row, and with threads queueing appends each
+        # retake waits for them; one statement per chunk made 8-thread group commit
+        # about twice as fast (scripts/benchmarks/store.py).
+        conn = self._conn
+        for i in range(0, len(rows), _CHUNK):
+            chunk = rows[i : i + _CHUNK]
+            conn.execute(_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+        for i in range(0, len(heads), _CHUNK):
+            chunk_heads = heads[i : i + _CHUNK]
+            params = itertools.chain.from_iterable(msgspec.structs.astuple(h) for h in chunk_heads)
+            conn.execute(_upsert(len(chunk_heads)), list(params))
+
+
+class EventLog(LogBase):
+    """The append-only, hash-chained event log in a SQLite file (or ``":memory:"``).
+
+    Args:
+        path: The database file; created with the schema if missing. ``":memory:"``
+            gives a private in-memory database.
+        audit_key: Seal the hash chain with HMAC-SHA256 under this key. A log created
+            with a key can only be appended to and verified with the same key.
+        readonly: Open the file read-only: nothing is ever written, and a missing file
+            is an error rather than a new database.
+        synchronous: ``"FULL"`` (default): an acknowledged append survives power loss.
+            ``"NORMAL"``: faster, and may lose the last commits on power loss (never on
+            a process crash).
+        timeout: Seconds to wait for another process's write lock.
+
+    Raises:
+        DatabaseError: the file is not SQLite, not a moot log, written by a newer
+            schema, or the audit key does not match.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "moot.db",
+        *,
+        audit_key: bytes | str | None = None,
+        readonly: bool = False,
+        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(audit_key)
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("synchronous must be 'FULL' or 'NORMAL'")
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self._memory = self.path == ":memory:"
+        conn = connect(self.path, readonly=readonly, timeout=timeout)
+        try:
+            self.meta = prepare(conn, self.path, readonly=readonly, audit_key=self._key)
+            if not readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={synchronous}")
+        except BaseException:
+            conn.close()
+            raise
+        self.sealed = self.meta.get("hash") == "hmac-sha256"
+        self._wconn = conn
+        if self._memory or readonly:
+            self._rconn = conn
+            self._rlock = threading.Lock()
+            self._wlock = self._rlock
+        else:
+            self._rconn = connect(self.path, readonly=True, timeout=timeout)
+            self._rlock = threading.Lock()
+            self._wlock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EventLog({self.path!r})"
+
+    # ------------------------------------------------------------------- writing
+
+    def append(self, stream: str, events: Any, *, expected_seq: int | None = None) -> int:
+        if self.sealed and self._key is None:
+            raise DatabaseError(f"{self.path}: this log is sealed with an audit key; give the key")
+        return super().append(stream, events, expected_seq=expected_seq)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[_Tx]:
+        with self._wlock:
+            conn = self._wconn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot start a write ({exc})") from exc
+            try:
+                yield _Tx(conn)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise StoreError(f"{self.path}: write failed ({exc})") from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self._wconn.in_transaction:
+            self._wconn.execute("ROLLBACK")
+
+    # ------------------------------------------------------------------- reading
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        with self._rlock:
+            self._check_open()
+            try:
+                return self._rconn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: read failed ({exc})") from exc
+
+    def _page_stream(
+        self, stream: str, after_seq: int, until_seq: int | None, limit: int
+    ) -> list[StoredEvent]:
+        until = "" if until_seq is None else f" AND seq <= {int(until_seq)}"
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND seq > ?{until} "
+            "ORDER BY seq LIMIT ?",
+            (stream, after_seq, limit),
+        )
+        return [StoredEvent(*r) for r in rows]
+
+    def _page_all(self, after_position: int, limit: int, stream: str | None) -> list[StoredEvent]:
+        if stream is None:
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM events WHERE position > ? ORDER BY position LIMIT ?",
+                (after_position, limit),
+            )
+        else:
+            rows = self._query(
+                f"SELECT {_COLUMNS} FROM events WHERE stream = ? AND position > ? "
+                "ORDER BY position LIMIT ?",
+                (stream, after_position, limit),
+            )
+        return [StoredEvent(*r) for r in rows]
+
+    def _iterate(self, sql: str, params: tuple[Any, ...]) -> Iterator[Any]:
+        """Stream a query's rows under the read lock (for replay and verify, which are pure)."""
+        with self._rlock:
+            self._check_open()
+            try:
+                yield from self._rconn.execute(sql, params)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: read failed ({exc})") from exc
+
+    def _replay_rows(self, stream: str, until_seq: int | None) -> Iterable[tuple[str, int, str]]:
+        if until_seq is None:
+            return self._iterate(
+                "SELECT type, version, data FROM events WHERE stream = ? ORDER BY seq", (stream,)
+            )
+        return self._iterate(
+            "SELECT type, version, data FROM events WHERE stream = ? AND seq <= ? ORDER BY seq",
+            (stream, until_seq),
+        )
+
+    def _verify_rows(self, stream: str | None) -> Iterable[tuple[Any, ...]]:
+        if stream is None:
+            return self._iterate(f"SELECT {_COLUMNS} FROM events ORDER BY position", ())
+        return self._iterate(
+            f"SELECT {_COLUMNS} FROM events WHERE stream = ? ORDER BY position", (stream,)
+        )
+
+    def _heads(self, stream: str | None) -> list[StreamInfo]:
+        if stream is None:
+            rows = self._query(
+                f"SELECT {_HEAD_COLUMNS} FROM streams ORDER BY updated_at DESC, stream", ()
+            )
+        else:
+            rows = self._query(f"SELECT {_HEAD_COLUMNS} FROM streams WHERE stream = ?", (stream,))
+        return [StreamInfo(*r) for r in rows]
+
+    def _missing_after(self, position: int, upto: int) -> int:
+        expected = position + 1
+        for (p,) in self._iterate(
+            "SELECT position FROM events WHERE position > ? AND position <= ? ORDER BY position",
+            (position, upto),
+        ):
+            if p != expected:
+                break
+            expected += 1
+        return min(expected, upto)
+
+    def verify(self, stream: str | None = None) -> VerifyReport:
+        if self.sealed and self._key is None:
+            raise DatabaseError(
+                f"{self.path}: this log is sealed with an audit key; verifying needs the key"
+            )
+        return super().verify(stream)
+
+    def _close(self) -> None:
+        with self._rlock:
+            self._rconn.close()
+        with self._wlock:
+            self._wconn.close()

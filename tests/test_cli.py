@@ -1,0 +1,228 @@
+"""The inspection CLI, run as a real command: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import msgspec
+import pytest
+from moot.store import SCHEMA_VERSION, EventLog
+
+from tests import test_sqlite_log as t
+from tests.samples import dialogue_events, loop_events
+
+MOOT = str(Path(sys.executable).parent / "moot")
+
+
+def moot(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MOOT, "--db", str(db), *args], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, match: str) -> None:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("moot: ") and match in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def db(db_path: Path) -> Path:
+    with EventLog(db_path) as log:
+        log.append("d1", dialogue_events())
+        log.append("loop-1", loop_events())
+    return db_path
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_sessions_lists_streams(db: Path) -> None:
+    result = moot(db, "sessions", "--json")
+    assert result.returncode == 0
+    rows = msgspec.json.decode(result.stdout)
+    by_id = {r["stream"]: r for r in rows}
+    assert by_id["d1"]["kind"] == "dialogue"
+    assert by_id["d1"]["events"] == 11
+    assert by_id["loop-1"]["parent"] == "d1"
+    assert by_id["loop-1"]["status"] == "completed"
+    table = moot(db, "sessions").stdout
+    assert "d1" in table
+    assert "dialogue" in table
+    assert "closed" in table
+
+
+def test_show_is_a_transcript_with_loops_nested(db: Path) -> None:
+    result = moot(db, "show", "d1")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Turn 1" in out
+    assert "alice (writer): moot" in out
+    assert "[context_info]" in out
+    assert "bob failed: slow" in out
+    loop_at = out.index("loop loop-1")
+    assert out.index("alice (writer): moot") < loop_at < out.index("bob failed")
+    assert "add" in out
+    assert "done (complete" in out
+
+
+def test_events_jsonl_is_for_machines(db: Path) -> None:
+    result = moot(db, "events", "--jsonl")
+    lines = [msgspec.json.decode(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 23
+    assert set(lines[0]) == {"position", "stream", "seq", "type", "version", "recorded_at", "data"}
+    assert lines[0]["data"]["type"] == "DialogueStarted"
+    only = moot(db, "events", "loop-1", "--type", "Done", "--jsonl").stdout.splitlines()
+    assert [msgspec.json.decode(x)["version"] for x in only] == [2]
+    after = moot(db, "events", "--after", "20", "--jsonl").stdout.splitlines()
+    assert [msgspec.json.decode(x)["position"] for x in after] == [21, 22, 23]
+    human = moot(db, "events", "d1").stdout.splitlines()
+    assert len(human) == 11
+    assert "d1#1 DialogueStarted" in human[0]
+
+
+def test_replay_prints_the_state(db: Path) -> None:
+    with EventLog(db, readonly=True) as log:
+        expected = msgspec.json.encode(log.replay("d1", until_seq=5))
+    result = moot(db, "replay", "d1", "--until", "5", "--json")
+    assert result.stdout.strip().encode() == expected
+    pretty = moot(db, "replay", "loop-1").stdout
+    assert msgspec.json.decode(pretty)["status"] == "completed"
+
+
+def test_verify_ok(db: Path) -> None:
+    result = moot(db, "verify")
+    assert (result.returncode, result.stdout.strip()) == (0, "ok 23 events")
+    assert moot(db, "verify", "loop-1").stdout.strip() == "ok 12 events"
+
+
+@pytest.mark.parametrize(
+    ("sql", "position"),
+    [
+        ("UPDATE events SET data = replace(data, 'm4', 'm5') WHERE position = 6", 6),
+        ("DELETE FROM events WHERE position = 4", 5),
+        ("DELETE FROM events WHERE position IN (9, 10)", 9),
+    ],
+    ids=["changed-byte", "deleted-middle", "removed-tail"],
+)
+def test_verify_names_the_first_bad_position(db_path: Path, sql: str, position: int) -> None:
+    t.fresh(db_path)
+    t.tamper(db_path, sql)
+    result = moot(db_path, "verify")
+    assert_one_line_error(result, 1, f"broken at position {position}")
+
+
+def test_verify_finds_swapped_rows_and_forgeries(db_path: Path, tmp_path: Path) -> None:
+    t.test_two_swapped_rows_are_found(db_path)
+    assert_one_line_error(moot(db_path, "verify"), 1, "broken at position 3")
+    forged = tmp_path / "forged.db"
+    t.test_a_forged_row_with_plain_sha256_is_found_under_an_audit_key(forged)
+    env = {"MOOT_AUDIT_KEY": "audit-key", "PATH": "/usr/bin:/bin"}
+    assert_one_line_error(moot(forged, "verify", env=env), 1, "broken at position 13")
+    assert_one_line_error(moot(forged, "verify"), 2, "audit key")
+
+
+def test_bad_databases_exit_2_and_stay_unchanged(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.db"
+    t.fresh(newer)
+    t.tamper(newer, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE people (name TEXT)")
+    conn.commit()
+    conn.close()
+    text = tmp_path / "text.db"
+    text.write_text("not a database\n" * 20)
+    for path, match in (
+        (newer, "newer moot"),
+        (foreign, "not a moot event log"),
+        (text, "not a SQLite database"),
+    ):
+        before = file_hash(path)
+        for command in (["sessions"], ["verify"], ["events"], ["show", "d"], ["tail"]):
+            assert_one_line_error(moot(path, *command), 2, match)
+        assert file_hash(path) == before
+    missing = tmp_path / "missing.db"
+    assert_one_line_error(moot(missing, "sessions"), 2, "no such database file")
+    assert not missing.exists()
+
+
+def test_usage_errors_are_one_line(db: Path) -> None:
+    assert_one_line_error(moot(db, "frobnicate"), 2, "No such command")
+    assert_one_line_error(moot(db, "replay"), 2, "Missing argument")
+    assert_one_line_error(moot(db, "show", "nope"), 2, "no stream 'nope'")
+    assert_one_line_error(moot(db, "replay", "d1", "--until", "x"), 2, "not a valid integer")
+
+
+def test_read_commands_never_change_the_database(db: Path) -> None:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    before = file_hash(db)
+    for command in (
+        ["sessions"],
+        ["show", "d1"],
+        ["events"],
+        ["replay", "d1"],
+        ["verify"],
+        ["tail"],
+    ):
+        assert moot(db, *command).returncode == 0
+    assert file_hash(db) == before
+
+
+def test_tail_follow_prints_what_another_process_appends(db: Path) -> None:
+    proc = subprocess.Popen(
+        [MOOT, "--db", str(db), "tail", "-n", "1", "--follow", "--jsonl"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        first = msgspec.json.decode(lines.get(timeout=30))
+        assert first["position"] == 23  # the backlog came first: tail is following now
+        writer = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import sys; from moot.store import EventLog; "
+                    "from tests.test_sqlite_log import message; "
+                    "EventLog(sys.argv[1]).append('d1', [message('late')])"
+                ),
+                str(db),
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert writer.returncode == 0, writer.stderr
+        new = msgspec.json.decode(lines.get(timeout=1.0))  # within a second, as promised
+        assert new["data"]["content"] == "late"
+        assert new["position"] == 24
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

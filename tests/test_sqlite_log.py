@@ -1,0 +1,356 @@
+"""The SQLite file backend: other processes, crashes, tampering, bad files and the views."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+from moot.events import (
+    DialogueMessage,
+    DialogueStarted,
+    IterationStart,
+    LlmResponse,
+    LoopStarted,
+    ParticipantInfo,
+    Speaker,
+    ToolCallBlock,
+    ToolCallDecided,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+)
+from moot.store import SCHEMA_VERSION, DatabaseError, EventLog
+
+from tests.samples import dialogue_events
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def started() -> DialogueStarted:
+    return DialogueStarted(
+        mode="broadcast", order="completion", participants=(ParticipantInfo(name="a"),)
+    )
+
+
+def message(text: str) -> DialogueMessage:
+    return DialogueMessage(
+        turn=1, speaker=Speaker(kind="user", name="u"), content=text, origin="incoming"
+    )
+
+
+def run_python(code: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def snapshot(path: Path) -> dict[str, str | None]:
+    """Hashes of the database file and its side files (None when absent)."""
+    out: dict[str, str | None] = {}
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        out[suffix] = hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    return out
+
+
+# ------------------------------------------------------------ other processes
+
+WRITER = """
+import sys
+from moot.store import EventLog, ConcurrencyError
+from tests.test_sqlite_log import message
+log = EventLog(sys.argv[1])
+name, count = sys.argv[2], int(sys.argv[3])
+sys.stdout.write("ready\\n"); sys.stdout.flush()
+sys.stdin.readline()
+done = 0
+while done < count:
+    last = log.stream_info("d").last_seq
+    try:
+        log.append("d", [message(f"{name}-{done}")], expected_seq=last)
+        done += 1
+    except ConcurrencyError:
+        pass
+log.close()
+"""
+
+
+def test_two_processes_append_to_one_stream(db_path: Path) -> None:
+    with EventLog(db_path) as log:
+        log.append("d", [started()])
+    procs = [run_python(WRITER, str(db_path), name, "150") for name in ("p", "q")]
+    for p in procs:
+        assert p.stdout is not None
+        assert p.stdout.readline() == "ready\n"
+    for p in procs:  # release both at once
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with EventLog(db_path, readonly=True) as log:
+        records = list(log.read("d"))
+        assert [r.seq for r in records] == list(range(1, 302))
+        contents = [r.event.content for r in records[1:]]  # type: ignore[union-attr]
+        for name in ("p", "q"):
+            mine = [c for c in contents if c.startswith(name + "-")]
+            assert mine == [f"{name}-{i}" for i in range(150)]
+        assert log.verify().ok
+
+
+CRASHER = """
+import sys
+from moot.store import EventLog
+from tests.test_sqlite_log import message
+log = EventLog(sys.argv[1])
+attempt, batch = sys.argv[2], 0
+while True:
+    size = 1 + batch % 5
+    events = [message(f"{attempt}/{batch}/{i}/{size}/" + "x" * 700) for i in range(size)]
+    log.append("d", events)
+    sys.stdout.write(f"{batch}\\n"); sys.stdout.flush()
+    batch += 1
+"""
+
+
+def test_sigkill_while_appending_leaves_a_verifiable_prefix(db_path: Path) -> None:
+    rng = random.Random(20261123)
+    with EventLog(db_path) as log:
+        log.append("d", [started()])
+    for attempt in range(20):
+        proc = run_python(CRASHER, str(db_path), str(attempt))
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.strip().isdigit(), proc.stderr.read() if proc.stderr else ""
+        # Kill at a random moment after the writer got going.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=rng.uniform(0.0, 0.15))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=30)
+        acked = max(int(x) for x in [first, *out.splitlines()] if x.strip().isdigit())
+        with EventLog(db_path) as log:
+            report = log.verify()
+            assert report.ok, report
+            rows = [r.event for r in log.read("d")][1:]
+        batches: dict[int, list[int]] = {}
+        sizes: dict[int, int] = {}
+        for event in rows:
+            assert isinstance(event, DialogueMessage)
+            run, batch, index, size, _ = event.content.split("/")
+            if int(run) == attempt:
+                batches.setdefault(int(batch), []).append(int(index))
+                sizes[int(batch)] = int(size)
+        # A prefix of what was sent: batches 0..n in order, each one whole, and every
+        # acknowledged batch among them.
+        assert list(batches) == list(range(len(batches)))
+        assert all(items == list(range(sizes[b])) for b, items in batches.items())
+        assert len(batches) >= acked + 1
+
+
+# ------------------------------------------------------------------ tampering
+
+
+def fresh(db_path: Path, key: bytes | None = None) -> None:
+    with EventLog(db_path, audit_key=key) as log:
+        log.append("d", [started()] + [message(f"m{i}") for i in range(9)])
+        log.append("e", [started(), message("other")])
+
+
+def tamper(db_path: Path, *sql: str) -> None:
+    conn = sqlite3.connect(db_path)
+    for statement in sql:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
+def verify(db_path: Path, key: bytes | None = None) -> tuple[bool, int | None]:
+    with EventLog(db_path, audit_key=key, readonly=True) as log:
+        report = log.verify()
+    return report.ok, report.first_bad
+
+
+def test_one_changed_byte_is_found(db_path: Path) -> None:
+    fresh(db_path)
+    tamper(db_path, "UPDATE events SET data = replace(data, 'm4', 'm5') WHERE position = 6")
+    assert verify(db_path) == (False, 6)
+
+
+def test_a_deleted_middle_row_is_found(db_path: Path) -> None:
+    fresh(db_path)
+    tamper(db_path, "DELETE FROM events WHERE position = 4")
+    assert verify(db_path) == (False, 5)
+
+
+def test_removed_last_rows_are_found(db_path: Path) -> None:
+    fresh(db_path)
+    tamper(db_path, "DELETE FROM events WHERE position IN (9, 10)")
+    assert verify(db_path) == (False, 9)
+
+
+def test_two_swapped_rows_are_found(db_path: Path) -> None:
+    fresh(db_path)
+    cols = "stream, seq, type, version, recorded_at, data, prev_hash, hash"
+    conn = sqlite3.connect(db_path)
+    a = conn.execute(f"SELECT {cols} FROM events WHERE position = 3").fetchone()
+    b = conn.execute(f"SELECT {cols} FROM events WHERE position = 7").fetchone()
+    conn.execute("DELETE FROM events WHERE position IN (3, 7)")
+    conn.execute(f"INSERT INTO events (position, {cols}) VALUES (3, ?,?,?,?,?,?,?,?)", b)
+    conn.execute(f"INSERT INTO events (position, {cols}) VALUES (7, ?,?,?,?,?,?,?,?)", a)
+    conn.commit()
+    conn.close()
+    assert verify(db_path) == (False, 3)
+
+
+def test_a_forged_row_with_plain_sha256_is_found_under_an_audit_key(db_path: Path) -> None:
+    key = b"audit-key"
+    fresh(db_path, key)
+    conn = sqlite3.connect(db_path)
+    last_seq, last_hash = conn.execute(
+        "SELECT last_seq, last_hash FROM streams WHERE stream = 'd'"
+    ).fetchone()
+    data = msgspec.json.encode(message("forged")).decode()
+    at = "2026-01-01T00:00:00.000000Z"
+    header = msgspec.json.encode((last_hash, "d", last_seq + 1, "DialogueMessage", 1, at))
+    forged = hashlib.sha256(header + b"\n" + data.encode()).hexdigest()
+    conn.execute(
+        "INSERT INTO events (position, stream, seq, type, version, recorded_at, data, prev_hash,"
+        " hash) VALUES (13, 'd', ?, 'DialogueMessage', 1, ?, ?, ?, ?)",
+        (last_seq + 1, at, data, last_hash, forged),
+    )
+    conn.execute(
+        "UPDATE streams SET last_seq = ?, last_hash = ?, last_position = 13 WHERE stream = 'd'",
+        (last_seq + 1, forged),
+    )
+    conn.commit()
+    conn.close()
+    assert verify(db_path, key) == (False, 13)
+    # Without the key nobody can verify (or write) a sealed log.
+    with pytest.raises(DatabaseError, match="audit key"), EventLog(db_path, readonly=True) as log:
+        log.verify()
+    with pytest.raises(DatabaseError, match="does not match"):
+        EventLog(db_path, audit_key=b"wrong")
+
+
+# ------------------------------------------------------------------ bad files
+
+
+def test_newer_schema_is_refused_and_untouched(db_path: Path) -> None:
+    fresh(db_path)
+    tamper(db_path, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    before = snapshot(db_path)
+    for readonly in (False, True):
+        with pytest.raises(DatabaseError, match="newer moot"):
+            EventLog(db_path, readonly=readonly)
+    assert snapshot(db_path) == before
+
+
+def test_a_sqlite_file_that_is_not_a_moot_log(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE TABLE people (name TEXT)")
+    conn.commit()
+    conn.close()
+    before = snapshot(db_path)
+    for readonly in (False, True):
+        with pytest.raises(DatabaseError, match="not a moot event log"):
+            EventLog(db_path, readonly=readonly)
+    assert snapshot(db_path) == before
+
+
+def test_a_file_that_is_not_sqlite(db_path: Path) -> None:
+    db_path.write_bytes(b"hello, I am a text file\n" * 100)
+    before = snapshot(db_path)
+    for readonly in (False, True):
+        with pytest.raises(DatabaseError, match="not a SQLite database"):
+            EventLog(db_path, readonly=readonly)
+    assert snapshot(db_path) == before
+
+
+def test_readonly_never_creates_a_file(db_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="no such database file"):
+        EventLog(db_path, readonly=True)
+    assert not db_path.exists()
+
+
+def test_readonly_cannot_append(db_path: Path) -> None:
+    fresh(db_path)
+    with EventLog(db_path, readonly=True) as log, pytest.raises(DatabaseError, match="read-only"):
+        log.append("d", [message("x")])
+
+
+def test_schema_and_pragmas(db_path: Path) -> None:
+    fresh(db_path)
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    indexes = {r[1] for r in conn.execute("PRAGMA index_list(events)")}
+    assert "events_stream_seq" in indexes
+    with pytest.raises(sqlite3.IntegrityError):  # the schema itself refuses a fork
+        conn.execute(
+            "INSERT INTO events (stream, seq, type, version, recorded_at, data, prev_hash, hash)"
+            " VALUES ('d', 2, 'X', 1, '', '{}', '', '')"
+        )
+    conn.close()
+
+
+# ---------------------------------------------------------------------- views
+
+
+def test_messages_and_tool_calls_views(db_path: Path) -> None:
+    calls = (
+        ToolCallBlock(id="c1", name="add", arguments={"a": 2, "b": 3}),
+        ToolCallBlock(id="c2", name="rm", arguments={"path": "/"}),
+        ToolCallBlock(id="c3", name="add", arguments={"a": 1}),
+    )
+    with EventLog(db_path) as log:
+        log.append("d", dialogue_events())
+        log.append(
+            "l",
+            [
+                LoopStarted(),
+                IterationStart(iteration=1, message_count=1),
+                LlmResponse(iteration=1, content=calls, stop_reason="tool_use"),
+                ToolCallDecided(call_id="c2", tool_name="rm", decision="deny", reason="no"),
+                ToolCallDecided(
+                    call_id="c3", tool_name="add", decision="modify", arguments={"a": 1, "b": 1}
+                ),
+                ToolExecutionStart(call_id="c1", tool_name="add", arguments={"a": 2, "b": 3}),
+                ToolExecutionStart(call_id="c3", tool_name="add", arguments={"a": 1, "b": 1}),
+                ToolExecutionEnd(call_id="c3", tool_name="add", content="2", duration_ms=1.5),
+                ToolExecutionEnd(call_id="c1", tool_name="add", content="5", duration_ms=2.0),
+            ],
+        )
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute("SELECT stream, seq, turn, speaker, role, content FROM messages").fetchall()
+    assert rows == [
+        ("d", 3, 1, "user", None, "Name it — ünïcödé ✓"),
+        ("d", 6, 1, "alice", "writer", "moot"),
+    ]
+    rows = conn.execute(
+        "SELECT stream, call_id, tool, arguments, result, is_error, duration_ms FROM tool_calls"
+        " ORDER BY call_id"
+    ).fetchall()
+    assert rows == [
+        ("l", "c1", "add", '{"a":2,"b":3}', "5", 0, 2.0),
+        ("l", "c2", "rm", '{"path":"/"}', "Tool call denied: no", 1, 0),
+        ("l", "c3", "add", '{"a":1,"b":1}', "2", 0, 1.5),
+    ]
+    conn.close()
