@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import msgspec
+
 from moot.events import MootError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
 
     table = Table(box=None, header_style="bold")
     for column in ("stream", "kind", "status", "events", "updated", "parent"):
-        table.add_column(column, justify="right" if column == "events" else "left")
+        table.add_column(column, justify="right" if column == "events" else "left", no_wrap=True)
     for h in heads:
         table.add_row(h.stream, h.kind, h.status, str(h.last_seq), h.updated_at, h.parent or "")
     _console().print(table)
@@ -185,13 +186,62 @@ def tail(ctx: click.Context, count: int, follow: bool, jsonl: bool) -> None:
             sys.stdout.flush()
 
 
+# -------------------------------------------------------------------- running
+
+
+def _print_reply(reply: Any) -> None:
+    if reply.error is not None:
+        click.echo(f"turn {reply.turn}  {reply.participant} failed: {reply.error.message}")
+    else:
+        text = " ".join((reply.content or "").split())
+        click.echo(f"turn {reply.turn}  {reply.participant}: {text}")
+    sys.stdout.flush()
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--id", "stream_id", metavar="ID", help="The new stream's id (default: generated).")
+@click.pass_context
+def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
+    """Run the scenario in FILE, printing each reply as its turn allows."""
+    from ._scenario import load_scenario, run_dialogue
+
+    scenario = load_scenario(file)  # a bad file fails here, before the log is touched
+    log = open_log(ctx, readonly=False)
+
+    def started(stream: str) -> None:
+        click.echo(f"stream {stream}")
+        sys.stdout.flush()
+
+    stream = run_dialogue(scenario, log, stream=stream_id, on_start=started, on_reply=_print_reply)
+    click.echo(f"completed {stream}")
+
+
+@cli.command()
+@click.argument("stream")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def resume(ctx: click.Context, stream: str, file: str) -> None:
+    """Continue the unfinished STREAM with the agents of FILE."""
+    from ._scenario import load_scenario, resume_dialogue
+
+    scenario = load_scenario(file)
+    log = open_log(ctx, readonly=False)
+    log.stream_info(stream)
+    click.echo(f"stream {stream}")
+    resume_dialogue(scenario, log, stream, on_reply=_print_reply)
+    click.echo(f"completed {stream}")
+
+
 # ---------------------------------------------------------------------- main
 
 
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output is not cut to 80 columns: tables and transcripts stay whole.
+    width = None if sys.stdout.isatty() else 1_000
+    return Console(highlight=False, soft_wrap=True, width=width)
 
 
 def _fail(message: str, code: int) -> NoReturn:

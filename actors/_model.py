@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import msgspec
+
 from moot.events import (
     ChatMessage,
     ContentBlock,

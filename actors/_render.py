@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from rich.markup import escape
+from rich.text import Text
+
 from moot.events import (
     ApprovalRequested,
     DialogueClosed,
@@ -30,12 +33,11 @@ from moot.events import (
     TurnStarted,
     text_of,
 )
-from rich.markup import escape
-from rich.text import Text
 
 if TYPE_CHECKING:
-    from moot.store import LogBase, Record, StoredEvent
     from rich.console import Console
+
+    from moot.store import LogBase, Record, StoredEvent
 
 __all__ = ["event_line", "jsonl_line", "show_stream"]
 

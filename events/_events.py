@@ -133,6 +133,9 @@ class ParticipantRemoved(EventBase, frozen=True):
 class TurnStarted(EventBase, frozen=True):
     turn: int
     speakers: tuple[str, ...]
+    #: How this turn runs, when it differs from the dialogue's (a moderator's choice).
+    mode: str | None = None
+    order: str | None = None
 
 
 class DialogueMessage(EventBase, frozen=True):

@@ -117,6 +117,8 @@ class TurnState(msgspec.Struct, kw_only=True):
     turn: int = 0
     open: bool = False
     speakers: tuple[str, ...] = ()
+    mode: str | None = None
+    order: str | None = None
     #: The recorded payload of each participant that was given one this turn.
     payloads: dict[str, tuple[int, ...]] = {}
     #: Participant name -> seq of its reply this turn.
@@ -148,6 +150,9 @@ class DialogueState(msgspec.Struct, kw_only=True):
     messages: dict[int, DialogueMessage] = {}
     message_count: int = 0
     last_message_seq: int = 0
+    #: The turn of the latest incoming message (ahead of ``current.turn`` while an
+    #: input is stored but its turn has not started: a non-reacting input, or a crash).
+    input_turn: int = 0
     #: The last turn that produced at least one agent reply.
     last_agent_turn: int = 0
     current: TurnState = msgspec.field(default_factory=TurnState)
@@ -190,7 +195,9 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
             s.message_count += 1
             s.last_message_seq = s.seq
             if ev.origin == "incoming":
-                s.current.inputs.append(s.seq)
+                s.input_turn = max(s.input_turn, ev.turn)
+                if ev.turn == s.current.turn:
+                    s.current.inputs.append(s.seq)
             else:
                 s.current.replies[ev.speaker.name] = s.seq
                 s.last_agent_turn = ev.turn
@@ -205,7 +212,17 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
                 )
             _prune(s)
         case TurnStarted():
-            s.current = TurnState(turn=ev.turn, open=True, speakers=ev.speakers)
+            inputs = [
+                q for q, m in s.messages.items() if m.origin == "incoming" and m.turn == ev.turn
+            ]
+            s.current = TurnState(
+                turn=ev.turn,
+                open=True,
+                speakers=ev.speakers,
+                mode=ev.mode,
+                order=ev.order,
+                inputs=inputs,
+            )
         case ParticipantFailed():
             s.current.failures[ev.participant] = ev.error
         case TurnCompleted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgspec
+
 from moot.events import Event, Status, decode_event
 
 __all__ = ["Record", "StoredEvent", "StreamInfo", "VerifyReport", "to_record"]

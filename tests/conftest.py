@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+
 from moot.store import EventLog, LogBase, MemoryEventLog
 
 if TYPE_CHECKING:

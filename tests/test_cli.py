@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from moot.store import SCHEMA_VERSION, EventLog
 
+from moot.store import SCHEMA_VERSION, EventLog
 from tests import test_sqlite_log as t
 from tests.samples import dialogue_events, loop_events
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 
-import moot.events
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import moot.events
 from moot.events import (
     CURRENT_VERSIONS,
     MASKED_RESULT,
@@ -45,7 +46,6 @@ from moot.events import (
     evolve,
     fold,
 )
-
 from tests.samples import dialogue_events, loop_events
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from moot.events import (
     DialogueMessage,
     DialogueStarted,
@@ -29,7 +30,6 @@ from moot.events import (
     ToolExecutionStart,
 )
 from moot.store import SCHEMA_VERSION, DatabaseError, EventLog
-
 from tests.samples import dialogue_events
 
 ROOT = Path(__file__).resolve().parent.parent

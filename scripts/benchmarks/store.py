@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
+
 from moot.events import (
     DialogueMessage,
     DialogueStarted,

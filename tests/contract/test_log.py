@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
+
 from moot.events import (
     DialogueMessage,
     DialogueStarted,
@@ -28,7 +29,6 @@ from moot.store import (
     UnknownStreamError,
     chain_hash,
 )
-
 from tests.conftest import BACKENDS, open_log
 from tests.samples import dialogue_events, loop_events
 

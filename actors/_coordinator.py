@@ -1,0 +1,554 @@
+"""The coordinator actor: runs a dialogue's turns, and is the only writer of its stream.
+
+Every change goes the same way: decide (pure code in ``_decide``), stage the events
+(folding them into the state with the same ``evolve`` that replay uses), commit them
+with one append, and only then act: tell participants to run, hand replies to the
+session. If an append fails, the state is rebuilt from the log, so it never holds an
+event the log does not.
+
+The coordinator never waits for a participant: participants post their outcomes into
+a mailbox and wake the coordinator, which drains every outcome waiting and records
+them in one append (group commit at the dialogue level), so a hundred participants
+finishing together cost a few commits.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import pykka
+
+from moot.events import (
+    DialogueClosed,
+    DialogueMessage,
+    DialogueState,
+    Event,
+    JoiningStrategy,
+    ParticipantFailed,
+    ParticipantInfo,
+    ParticipantJoined,
+    ParticipantRemoved,
+    PayloadDelivered,
+    Speaker,
+    TurnCompleted,
+    TurnStarted,
+    evolve,
+)
+
+from ._agents import Payload
+from ._context import render_context
+from ._decide import (
+    history_for_joiner,
+    mentioned,
+    parse_moderator_choice,
+    should_react,
+    speaking_order,
+)
+from ._errors import DialogueError
+from ._participant import Outcome, ParticipantActor
+from ._session import Channel, TurnReply
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from moot.store import LogBase
+
+    from ._agents import Agent
+
+__all__ = ["MODERATOR", "Coordinator", "StartTurn"]
+
+#: The name the moderator agent runs under (never a participant's name).
+MODERATOR = "moderator"
+
+_MODERATOR_BRIEF = (
+    "You are the moderator. Decide how the participants take this turn. Answer with one "
+    "word - broadcast, sequential or mentioned - or with JSON such as "
+    '{"mode": "sequential", "order": "explicit", "names": ["..."]}.'
+)
+
+
+class StartTurn(msgspec.Struct, frozen=True):
+    """Run a turn on these inputs, or finish the open turn when ``inputs`` is None."""
+
+    inputs: tuple[DialogueMessage, ...] | None
+    channel: Channel
+
+
+class _Flush(msgspec.Struct, frozen=True):
+    """Wake-up: outcomes are waiting in the mailbox."""
+
+
+class _Run:
+    """The turn in progress: bookkeeping for the coordinator (the facts are in the state)."""
+
+    def __init__(self, turn: int, mode: str, order: str, channel: Channel) -> None:
+        self.turn = turn
+        self.mode = mode
+        self.order = order
+        self.channel = channel
+        self.speakers: list[str] = []
+        self.running: set[str] = set()
+        #: Sequential: the speakers still to run, in order.
+        self.waiting: list[str] = []
+        self.inputs: tuple[DialogueMessage, ...] = ()
+
+
+class Coordinator(pykka.ThreadingActor):
+    """Owns one dialogue stream: its state, its participants' actors, its turns.
+
+    The :class:`moot.actors.Dialogue` facade talks to it with ``ask``/``tell``; every
+    method here runs in the coordinator's thread.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self,
+        log: LogBase,
+        stream: str,
+        state: DialogueState,
+        agents: dict[str, Agent],
+        *,
+        moderator: Agent | None = None,
+        mention_strategy: str = "exact_word",
+    ) -> None:
+        super().__init__()
+        self.log = log
+        self.stream = stream
+        self.state = state
+        self.mention_strategy = mention_strategy
+        self._agents = dict(agents)
+        self._moderator = moderator
+        self._actors: dict[str, pykka.ActorRef[Any]] = {}
+        self._mailbox: collections.deque[Outcome] = collections.deque()
+        self._staged: list[Event] = []
+        self._run: _Run | None = None
+        #: Participants to start once the staged payloads are committed.
+        self._after_commit: list[tuple[pykka.ActorRef[Any], Payload]] = []
+        self._queued: collections.deque[Callable[[], None]] = collections.deque()
+        self.closed = threading.Event()
+
+    # ------------------------------------------------------------- lifecycle
+
+    def on_start(self) -> None:
+        for name, agent in self._agents.items():
+            self._spawn(name, agent)
+        if self._moderator is not None:
+            self._spawn(MODERATOR, self._moderator)
+
+    def on_stop(self) -> None:
+        for ref in self._actors.values():
+            ref.stop(block=False)
+        for ref in self._actors.values():
+            ref.actor_stopped.wait(30)
+
+    def _spawn(self, name: str, agent: Agent) -> None:
+        self._actors[name] = ParticipantActor.start(name, agent, self._post)
+
+    def _post(self, outcome: Outcome) -> None:
+        """Called in participant threads: queue the outcome and wake the coordinator."""
+        self._mailbox.append(outcome)
+        self.actor_ref.tell(_Flush())
+
+    # ------------------------------------------------------ the one funnel
+
+    def _stage(self, events: Sequence[Event]) -> int:
+        """Fold ``events`` into the state, to be committed by :meth:`_commit`.
+
+        Returns the seq the first of them will have.
+        """
+        first = self.state.seq + 1
+        state = self.state
+        for event in events:
+            folded = evolve(state, event)
+            assert isinstance(folded, DialogueState)
+            state = folded
+        self.state = state
+        self._staged.extend(events)
+        return first
+
+    def _commit(self) -> None:
+        """Append everything staged, in one transaction, expecting no other writer."""
+        if not self._staged:
+            return
+        events, self._staged = self._staged, []
+        try:
+            self.log.append(self.stream, events, expected_seq=self.state.seq - len(events))
+        except BaseException:
+            replayed = self.log.replay(self.stream)
+            assert isinstance(replayed, DialogueState)
+            self.state = replayed
+            raise
+
+    # ------------------------------------------------------------- messages
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case _Flush():
+                self._drain()
+            case StartTurn():
+                self._when_idle(lambda: self._start(message))
+            case ("join", ParticipantInfo() as info, JoiningStrategy() as strategy, agent):
+                self._when_idle(lambda: self._join(info, strategy, agent))
+            case ("remove", str(name)):
+                self._when_idle(lambda: self._remove(name))
+            case ("close", str(reason)):
+                self._when_idle(lambda: self._close(reason))
+                return self.closed
+            case "state":
+                return msgspec.convert(msgspec.to_builtins(self.state), DialogueState)
+            case "busy":
+                return self._run is not None
+            case _:
+                raise DialogueError(f"coordinator got an unknown message {message!r}")
+        return None
+
+    def _when_idle(self, action: Callable[[], None]) -> None:
+        """Run now if no turn is in progress, else once it ends (turns never overlap)."""
+        self._queued.append(action)
+        self._run_queued()
+
+    def _run_queued(self) -> None:
+        while self._run is None and self._queued:
+            self._queued.popleft()()
+
+    # ---------------------------------------------------------- membership
+
+    def _join(self, info: ParticipantInfo, strategy: JoiningStrategy, agent: Agent) -> None:
+        if info.name in self.state.participants or info.name == MODERATOR:
+            raise DialogueError(f"participant {info.name!r} is already in the dialogue")
+        self._stage([ParticipantJoined(participant=info, strategy=strategy, turn=self._turn())])
+        self._commit()
+        self._agents[info.name] = agent
+        self._spawn(info.name, agent)
+
+    def _remove(self, name: str) -> None:
+        if name not in self.state.participants:
+            raise DialogueError(f"cannot remove {name!r}: no such participant")
+        self._stage([ParticipantRemoved(name=name, turn=self._turn())])
+        self._commit()
+        self._agents.pop(name, None)
+        ref = self._actors.pop(name, None)
+        if ref is not None:
+            ref.stop(block=False)
+
+    def _close(self, reason: str) -> None:
+        if self.state.status != "closed":
+            self._stage([DialogueClosed(reason=reason)])
+            self._commit()
+        self.closed.set()
+
+    def _turn(self) -> int:
+        return max(self.state.current.turn, self.state.input_turn)
+
+    # ---------------------------------------------------------------- turns
+
+    def _start(self, command: StartTurn) -> None:
+        channel = command.channel
+        try:
+            if self.state.status == "closed":
+                raise DialogueError("the dialogue is closed")
+            if command.inputs is None:
+                self._resume(channel)
+            else:
+                self._begin(command.inputs, channel)
+        except Exception as exc:  # noqa: BLE001  the session raises it in the caller
+            self._staged.clear()
+            self._run = None
+            channel.failed(str(exc))
+
+    def _begin(self, inputs: tuple[DialogueMessage, ...], channel: Channel) -> None:
+        turn = self._turn() + 1
+        stamped = [msgspec.structs.replace(m, turn=turn) for m in inputs]
+        if not should_react(self.state.reaction, stamped):
+            self._stage(list(stamped))
+            self._commit()
+            channel.done(reacted=False)
+            return
+        if self.state.mode == "moderator":
+            self._stage(list(stamped))
+            self._commit()
+            self._ask_moderator(turn, tuple(stamped), channel)
+            return
+        self._open(turn, self.state.mode, self.state.order, self.state.names, stamped, channel)
+
+    def _open(
+        self,
+        turn: int,
+        mode: str,
+        order: str,
+        names: tuple[str, ...],
+        inputs: list[DialogueMessage],
+        channel: Channel,
+    ) -> None:
+        """Record the turn's inputs (unless already recorded) and start, then its speakers."""
+        participants = [p for p in self.state.participants if p in self._actors]
+        speakers = speaking_order(order, participants, names)
+        if mode == "mentioned":
+            text = self._mention_text(inputs or self._inputs_of(turn))
+            chosen = mentioned(text, participants, self.mention_strategy)  # type: ignore[arg-type]
+            speakers = [s for s in speakers if s in chosen] or speakers
+        run = _Run(turn, mode, order, channel)
+        run.speakers = speakers
+        self._run = run
+        self._stage(
+            [*inputs, TurnStarted(turn=turn, speakers=tuple(speakers), mode=mode, order=run.order)]
+        )
+        channel.started(turn, tuple(speakers), run.order)
+        if mode == "sequential":
+            run.waiting = list(speakers)
+            self._next_in_chain(run)
+        else:
+            self._deliver(run, speakers)
+        self._settle(run, [])
+
+    def _inputs_of(self, turn: int) -> list[DialogueMessage]:
+        return [
+            m for m in self.state.messages.values() if m.origin == "incoming" and m.turn == turn
+        ]
+
+    def _mention_text(self, inputs: list[DialogueMessage]) -> str:
+        """Inputs plus the last replies: agents may hand over to each other by @name."""
+        last = self.state.last_agent_turn
+        replies = [
+            m.content
+            for m in self.state.messages.values()
+            if m.origin == "agent" and m.turn == last
+        ]
+        return "\n".join([m.content for m in inputs] + replies)
+
+    def _deliver(self, run: _Run, names: list[str]) -> None:
+        """Stage the payloads of ``names``; they run once the payloads are committed."""
+        for name in names:
+            payload = self._payload(name, run.turn)
+            self._stage([PayloadDelivered(turn=run.turn, participant=name, messages=payload.seqs)])
+            run.running.add(name)
+            self._after_commit.append((self._actors[name], payload))
+
+    def _next_in_chain(self, run: _Run) -> None:
+        while run.waiting:
+            name = run.waiting.pop(0)
+            if name in self._actors:
+                self._deliver(run, [name])
+                return
+
+    def _payload(self, name: str, turn: int, seqs: tuple[int, ...] | None = None) -> Payload:
+        """What ``name`` is given now: all it has not received, plus a joiner's history."""
+        state = self.state
+        if seqs is None:
+            new = state.undelivered(name)
+            strategy = state.pending_joiners.get(name)
+            if strategy is not None and strategy.kind != "fresh":
+                new = sorted(set(new) | set(self._history(name, strategy, turn)))
+            seqs = tuple(new)
+        return Payload(
+            stream=self.stream,
+            turn=turn,
+            participant=state.participants[name],
+            participants=tuple(state.participants.values()),
+            messages=self._messages(seqs),
+            seqs=seqs,
+            context=render_context(state.context),
+        )
+
+    def _history(self, name: str, strategy: JoiningStrategy, turn: int) -> list[int]:
+        """A late joiner's history, read from the log (the state keeps no history)."""
+        earlier = [
+            (r.seq, r.event)
+            for r in self.log.read(self.stream)
+            if isinstance(r.event, DialogueMessage) and r.event.speaker.name != name
+        ]
+        chosen = {id(m) for m in history_for_joiner(strategy, [m for _, m in earlier], turn)}
+        return [seq for seq, m in earlier if id(m) in chosen]
+
+    def _messages(self, seqs: tuple[int, ...]) -> tuple[DialogueMessage, ...]:
+        """The messages with these seqs: from the state, or from the log for older ones."""
+        kept = self.state.messages
+        missing = [s for s in seqs if s not in kept]
+        found: dict[int, DialogueMessage] = {}
+        if missing:
+            for r in self.log.read(self.stream, min(missing) - 1, until_seq=max(missing)):
+                if isinstance(r.event, DialogueMessage):
+                    found[r.seq] = r.event
+        return tuple(kept[s] if s in kept else found[s] for s in seqs)
+
+    # ------------------------------------------------------------- outcomes
+
+    def _drain(self) -> None:
+        run = self._run
+        if run is None:
+            self._mailbox.clear()
+            return
+        outcomes: list[Outcome] = []
+        while self._mailbox:
+            outcome = self._mailbox.popleft()
+            if outcome.name == MODERATOR and run.mode == "moderator":
+                self._moderated(run, outcome)
+                return
+            if outcome.turn == run.turn and outcome.name in run.running:
+                run.running.discard(outcome.name)
+                outcomes.append(outcome)
+        if not outcomes:
+            return
+        replies_so_far = len(self.state.current.replies)
+        events: list[Event] = []
+        for outcome in outcomes:
+            event = self._record(run, outcome, replies_so_far)
+            replies_so_far += isinstance(event, DialogueMessage)
+            events.append(event)
+        first = self._stage(events)
+        if run.mode == "sequential" and not run.running:
+            self._next_in_chain(run)
+        self._settle(run, [(first + i, e) for i, e in enumerate(events)])
+
+    def _record(self, run: _Run, outcome: Outcome, completion_index: int) -> Event:
+        if outcome.reply is None:
+            assert outcome.error is not None
+            return ParticipantFailed(turn=run.turn, participant=outcome.name, error=outcome.error)
+        reply = outcome.reply
+        names = list(self.state.participants)
+        info = self.state.participants.get(outcome.name)
+        return DialogueMessage(
+            turn=run.turn,
+            speaker=Speaker(kind="agent", name=outcome.name, role=info.role if info else None),
+            content=reply.content,
+            origin="agent",
+            participant_index=names.index(outcome.name) if outcome.name in names else None,
+            completion_index=completion_index,
+            attachments=reply.attachments,
+            usage=reply.usage,
+            model=reply.model,
+            latency_ms=reply.latency_ms,
+            loop=reply.loop,
+            metadata=reply.metadata,
+        )
+
+    def _settle(self, run: _Run, recorded: list[tuple[int, Event]]) -> None:
+        """Close the turn if nothing is left to run; commit; then act on what was committed."""
+        over = not run.running and not run.waiting
+        if over:
+            current = self.state.current
+            replied = list(current.replies)
+            if run.order != "completion" or run.mode == "sequential":
+                replied = [n for n in run.speakers if n in current.replies]
+            self._stage(
+                [
+                    TurnCompleted(
+                        turn=run.turn, yielded=tuple(replied), failed=tuple(current.failures)
+                    )
+                ]
+            )
+        self._commit()
+        tell, self._after_commit = self._after_commit, []
+        for ref, payload in tell:
+            ref.tell(payload)
+        for seq, event in recorded:
+            run.channel.reply(_reply(run.turn, seq, event))
+        if over:
+            self._run = None
+            run.channel.done()
+            self._run_queued()
+
+    # ------------------------------------------------------------ moderator
+
+    def _ask_moderator(
+        self, turn: int, inputs: tuple[DialogueMessage, ...], channel: Channel
+    ) -> None:
+        if MODERATOR not in self._actors:
+            raise DialogueError("a moderator dialogue needs a moderator agent")
+        run = _Run(turn, "moderator", "completion", channel)
+        run.inputs = inputs
+        self._run = run
+        kept = self.state.messages
+        seqs = tuple(s for s, m in kept.items() if m.origin == "incoming" and m.turn == turn)
+        info = ParticipantInfo(
+            name=MODERATOR,
+            role="moderator",
+            description="Chooses how the participants take each turn.",
+        )
+        payload = Payload(
+            stream=self.stream,
+            turn=turn,
+            participant=info,
+            participants=tuple(self.state.participants.values()),
+            messages=tuple(kept[s] for s in seqs),
+            seqs=seqs,
+            context=_MODERATOR_BRIEF,
+        )
+        self._actors[MODERATOR].tell(payload)
+
+    def _moderated(self, run: _Run, outcome: Outcome) -> None:
+        self._run = None
+        try:
+            if outcome.reply is None:
+                assert outcome.error is not None
+                raise DialogueError(f"the moderator failed: {outcome.error.message}")
+            choice = parse_moderator_choice(outcome.reply.content, list(self.state.participants))
+            self._open(run.turn, choice.mode, choice.order, choice.names, [], run.channel)
+        except DialogueError as exc:
+            self._staged.clear()
+            self._run = None
+            run.channel.failed(str(exc))
+            self._run_queued()
+
+    # --------------------------------------------------------------- resume
+
+    def _resume(self, channel: Channel) -> None:
+        """Finish what a crash interrupted; replies already on record are not asked again."""
+        state = self.state
+        current = state.current
+        if state.input_turn > current.turn:  # inputs recorded, turn never started
+            inputs = self._inputs_of(state.input_turn)
+            if not should_react(state.reaction, inputs):
+                channel.done(reacted=False)
+            elif state.mode == "moderator":
+                self._ask_moderator(state.input_turn, tuple(inputs), channel)
+            else:
+                self._open(state.input_turn, state.mode, state.order, state.names, [], channel)
+            return
+        if not current.open:
+            channel.done(reacted=False)
+            return
+        run = _Run(current.turn, current.mode or state.mode, current.order or state.order, channel)
+        run.speakers = list(current.speakers)
+        self._run = run
+        channel.started(run.turn, current.speakers, run.order)
+        for name in current.speakers:  # what is on record comes first
+            if name in current.replies:
+                seq = current.replies[name]
+                channel.reply(_reply(run.turn, seq, self._messages((seq,))[0]))
+            elif name in current.failures:
+                channel.reply(
+                    TurnReply(turn=run.turn, participant=name, error=current.failures[name])
+                )
+        done = set(current.replies) | set(current.failures)
+        for name in current.speakers:  # a reply was in flight: ask again, same payload
+            if name in current.payloads and name not in done and name in self._actors:
+                run.running.add(name)
+                payload = self._payload(name, run.turn, current.payloads[name])
+                self._after_commit.append((self._actors[name], payload))
+        if run.mode == "sequential":
+            run.waiting = [
+                n for n in current.speakers if n not in done and n not in current.payloads
+            ]
+            if not run.running:
+                self._next_in_chain(run)
+        self._settle(run, [])
+
+
+def _reply(turn: int, seq: int, event: Event) -> TurnReply:
+    if isinstance(event, ParticipantFailed):
+        return TurnReply(turn=turn, participant=event.participant, error=event.error, seq=seq)
+    assert isinstance(event, DialogueMessage)
+    return TurnReply(
+        turn=turn,
+        participant=event.speaker.name,
+        content=event.content,
+        seq=seq,
+        completion_index=event.completion_index,
+        participant_index=event.participant_index,
+        message=event,
+    )

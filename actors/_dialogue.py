@@ -1,0 +1,367 @@
+"""Dialogues: the Python API over a coordinator actor and its participants.
+
+::
+
+    log = EventLog("moot.db")
+    with Dialogue.create(log, participants=[Participant("alice", agent_a),
+                                            Participant("bob", agent_b)]) as d:
+        for reply in d.session("Name the project."):   # as each reply allows
+            print(reply.participant, reply.content)
+        replies = d.run("Now criticise the names.")      # the whole turn, in order
+
+Calls on a :class:`Dialogue` are thread-safe; they talk to the coordinator actor with
+``ask`` and wait at most ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Self, cast
+
+from moot.events import (
+    DialogueContext,
+    DialogueMessage,
+    DialogueStarted,
+    DialogueState,
+    JoiningStrategy,
+    ParticipantFailed,
+    ParticipantInfo,
+    PayloadDelivered,
+    Speaker,
+    TurnStarted,
+)
+
+from ._agents import Agent, AgentMemory
+from ._coordinator import MODERATOR, Coordinator, StartTurn
+from ._decide import REACTIONS, validate_order
+from ._errors import DialogueError
+from ._session import Channel, Session, TurnReply
+
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Mapping, Sequence
+
+    import pykka
+
+    from moot.store import LogBase
+
+__all__ = ["Dialogue", "Input", "Participant", "new_stream_id"]
+
+
+@dataclass(frozen=True)
+class Participant:
+    """A participant to add: its name, the agent behind it, and how others see it."""
+
+    name: str
+    agent: Agent
+    role: str | None = None
+    description: str | None = None
+    capabilities: tuple[str, ...] = ()
+    #: What kind of agent it is, for the record (e.g. "scripted", "openai").
+    kind: str | None = None
+
+    @property
+    def info(self) -> ParticipantInfo:
+        return ParticipantInfo(
+            name=self.name,
+            role=self.role,
+            description=self.description,
+            capabilities=self.capabilities,
+            agent=self.kind or type(self.agent).__name__,
+        )
+
+
+@dataclass(frozen=True)
+class Input:
+    """A message given to the dialogue (a plain ``str`` is a user message)."""
+
+    content: str
+    speaker: str = "user"
+    kind: Literal["system", "user", "agent"] = "user"
+    message_type: str = "conversational"
+    metadata: dict[str, Any] | None = field(default=None)
+
+    def message(self) -> DialogueMessage:
+        return DialogueMessage(
+            turn=0,
+            speaker=Speaker(kind=self.kind, name=self.speaker),
+            content=self.content,
+            origin="incoming",
+            message_type=self.message_type,
+            metadata=self.metadata,
+        )
+
+
+def new_stream_id(kind: str = "dialogue") -> str:
+    """A fresh, sortable stream id such as ``dialogue-20261123-101500-3fa2c1``."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class Dialogue:
+    """A running dialogue: its stream in the log, its coordinator, its participants.
+
+    Create one with :meth:`create`, or pick up an unfinished one with :meth:`resume`.
+    """
+
+    def __init__(self, log: LogBase, stream: str, ref: pykka.ActorRef[Any], timeout: float) -> None:
+        self.log = log
+        self.stream = stream
+        self._ref = ref
+        self.timeout = timeout
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Dialogue {self.stream}>"
+
+    # ---------------------------------------------------------------- making
+
+    @classmethod
+    def create(
+        cls,
+        log: LogBase,
+        *,
+        participants: Sequence[Participant],
+        mode: str = "broadcast",
+        order: str | None = None,
+        names: Sequence[str] = (),
+        context: DialogueContext | None = None,
+        reaction: str | None = None,
+        moderator: Agent | None = None,
+        mention_strategy: Literal["exact_word", "name", "partial"] = "exact_word",
+        stream: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        timeout: float = 60.0,
+    ) -> Dialogue:
+        """Start a new dialogue: records DialogueStarted and starts the actors.
+
+        Args:
+            log: Where every event goes.
+            participants: The initial participants, in insertion order.
+            mode: broadcast, sequential, mentioned or moderator.
+            order: How a turn's replies are yielded: completion (default),
+                participant_order or explicit; sequential: as_added (default) or explicit.
+            names: The explicit order (unlisted participants follow in insertion order).
+            context: Environment, talk style and extra context for every participant.
+            reaction: When an input gets a reply: always (default), user_only,
+                agent_only, except_system, conversational, except_context_info.
+            moderator: The agent that picks each turn's mode (moderator mode only).
+            mention_strategy: How ``@name`` is matched in mentioned mode.
+            stream: The stream id (default: a new one).
+            timeout: Seconds to wait for the coordinator on each call.
+
+        Raises:
+            DialogueError: an invalid combination (unknown mode or order, an explicit
+                order naming a stranger, duplicate names, moderator mode without a
+                moderator). Nothing is recorded then.
+        """
+        order = order or ("as_added" if mode == "sequential" else "completion")
+        roster = [p.name for p in participants]
+        validate_order(mode, order, names, roster)
+        if len(set(roster)) != len(roster):
+            raise DialogueError("participant names must be unique")
+        if MODERATOR in roster:
+            raise DialogueError(f"{MODERATOR!r} is reserved for the moderator agent")
+        if mode == "moderator" and moderator is None:
+            raise DialogueError("a moderator dialogue needs a moderator agent")
+        if reaction is not None and reaction not in REACTIONS:
+            raise DialogueError(f"unknown reaction strategy {reaction!r}")
+        stream = stream or new_stream_id()
+        started = DialogueStarted(
+            mode=mode,  # type: ignore[arg-type]
+            order=order,  # type: ignore[arg-type]
+            names=tuple(names),
+            participants=tuple(p.info for p in participants),
+            context=context,
+            reaction=reaction,
+            metadata=metadata,
+        )
+        log.append(stream, [started], expected_seq=0)
+        state = log.replay(stream)
+        assert isinstance(state, DialogueState)
+        agents = {p.name: p.agent for p in participants}
+        ref = Coordinator.start(
+            log, stream, state, agents, moderator=moderator, mention_strategy=mention_strategy
+        )
+        return cls(log, stream, ref, timeout)
+
+    @classmethod
+    def resume(
+        cls,
+        log: LogBase,
+        stream: str,
+        agents: Mapping[str, Agent],
+        *,
+        moderator: Agent | None = None,
+        mention_strategy: Literal["exact_word", "name", "partial"] = "exact_word",
+        timeout: float = 60.0,
+    ) -> Dialogue:
+        """Pick up a dialogue from its log, e.g. after a crash.
+
+        Each agent is given its memory (what it was delivered, what it answered, how
+        many model calls are on record) when it has a ``restore`` method. Call
+        :meth:`finish_turn` to complete a turn the crash interrupted.
+
+        Raises:
+            DialogueError: the stream is not a dialogue, is closed, or a participant
+                has no agent.
+        """
+        state = log.replay(stream)
+        if not isinstance(state, DialogueState):
+            raise DialogueError(f"stream {stream!r} is not a dialogue")
+        if state.status == "closed":
+            raise DialogueError(f"dialogue {stream!r} is closed")
+        missing = [name for name in state.participants if name not in agents]
+        if missing:
+            raise DialogueError(f"no agent for participant(s): {', '.join(missing)}")
+        if state.mode == "moderator" and moderator is None:
+            raise DialogueError("a moderator dialogue needs a moderator agent")
+        chosen = {name: agents[name] for name in state.participants}
+        memories = _memories(log, stream, list(chosen), moderated=state.mode == "moderator")
+        for name, agent in chosen.items():
+            _restore(agent, memories[name])
+        if moderator is not None:
+            _restore(moderator, memories[MODERATOR])
+        ref = Coordinator.start(
+            log, stream, state, chosen, moderator=moderator, mention_strategy=mention_strategy
+        )
+        return cls(log, stream, ref, timeout)
+
+    # --------------------------------------------------------------- talking
+
+    def session(self, *inputs: str | Input) -> Session:
+        """Start a turn on ``inputs`` and return its session (replies as they come).
+
+        A turn waits for the one before it to finish. Inputs that do not start a turn
+        (context-only, or filtered by the reaction strategy) are stored and delivered
+        with the next turn that runs; the session then yields nothing.
+        """
+        if not inputs:
+            raise DialogueError("a turn needs at least one input")
+        messages = tuple((Input(i) if isinstance(i, str) else i).message() for i in inputs)
+        return self._start(messages)
+
+    def finish_turn(self) -> Session:
+        """The session of a turn a crash interrupted (after :meth:`resume`).
+
+        It yields the replies already on record, then the ones still to come. If no
+        turn was interrupted, it yields nothing.
+        """
+        return self._start(None)
+
+    def _start(self, inputs: tuple[DialogueMessage, ...] | None) -> Session:
+        self._check_open()
+        channel = Channel()
+        self._ref.tell(StartTurn(inputs, channel))
+        return Session(channel)
+
+    def run(self, *inputs: str | Input, timeout: float | None = None) -> list[TurnReply]:
+        """Run one turn and return all its replies, in the turn's yield order."""
+        return self.session(*inputs).all(timeout)
+
+    async def run_async(
+        self, *inputs: str | Input, timeout: float | None = None
+    ) -> list[TurnReply]:
+        """:meth:`run` for asyncio: never blocks the event loop."""
+        session = self.session(*inputs)
+        out = []
+        while (reply := await session.next_turn_async(timeout)) is not None:
+            out.append(reply)
+        return out
+
+    # ------------------------------------------------------------ membership
+
+    def join(self, participant: Participant, strategy: JoiningStrategy | None = None) -> None:
+        """Add a participant; on its first turn it gets history per ``strategy``.
+
+        The default strategy is ``JoiningStrategy.recent()`` (the last 5 turns).
+        Waits for a turn in progress to end first.
+        """
+        strategy = strategy or JoiningStrategy.recent()
+        self._ask(("join", participant.info, strategy, participant.agent))
+
+    def remove(self, name: str) -> None:
+        """Remove a participant (after a turn in progress ends)."""
+        self._ask(("remove", name))
+
+    # --------------------------------------------------------------- looking
+
+    def state(self) -> DialogueState:
+        """A copy of the live state (equal to ``log.replay(stream)`` between turns)."""
+        state: DialogueState = self._ask("state")
+        return state
+
+    # --------------------------------------------------------------- closing
+
+    def close(self, reason: str = "closed", *, timeout: float | None = None) -> None:
+        """Record DialogueClosed once the current turn is over, and stop every actor."""
+        if self._closed:
+            return
+        self._closed = True
+        wait = self.timeout if timeout is None else timeout
+        try:
+            closed = cast("threading.Event", self._ref.ask(("close", reason), timeout=wait))
+            if not closed.wait(wait):
+                raise DialogueError(f"the turn in progress did not end within {wait} s")
+        finally:
+            self._ref.stop(timeout=wait)
+
+    def stop(self) -> None:
+        """Stop the actors without recording a close (the dialogue stays open)."""
+        if not self._closed:
+            self._closed = True
+            self._ref.stop(timeout=self.timeout)
+
+    def _ask(self, message: Any) -> Any:
+        self._check_open()
+        return self._ref.ask(message, timeout=self.timeout)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DialogueError("this dialogue object is closed")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _restore(agent: Agent, memory: AgentMemory) -> None:
+    restore = getattr(agent, "restore", None)
+    if callable(restore):
+        restore(memory)
+
+
+def _memories(
+    log: LogBase, stream: str, names: list[str], *, moderated: bool
+) -> dict[str, AgentMemory]:
+    """Each participant's past, from the log: payloads, its replies, its recorded calls."""
+    messages: dict[int, DialogueMessage] = {}
+    payloads: dict[str, list[tuple[int, tuple[int, ...]]]] = {n: [] for n in names}
+    replies: dict[tuple[str, int], str] = {}
+    calls = dict.fromkeys([*names, MODERATOR], 0)
+    for record in log.read(stream):
+        event = record.event
+        if isinstance(event, DialogueMessage):
+            messages[record.seq] = event
+            if event.origin == "agent" and event.speaker.name in calls:
+                replies[(event.speaker.name, event.turn)] = event.content
+                calls[event.speaker.name] += 1
+        elif isinstance(event, PayloadDelivered) and event.participant in payloads:
+            payloads[event.participant].append((event.turn, event.messages))
+        elif isinstance(event, ParticipantFailed) and event.participant in calls:
+            calls[event.participant] += 1
+        elif isinstance(event, TurnStarted) and moderated:
+            calls[MODERATOR] += 1
+    out = {}
+    for name in names:
+        exchanges = tuple(
+            (tuple(messages[s] for s in seqs), replies[(name, turn)])
+            for turn, seqs in payloads[name]
+            if (name, turn) in replies
+        )
+        out[name] = AgentMemory(name=name, exchanges=exchanges, calls=calls[name])
+    out[MODERATOR] = AgentMemory(name=MODERATOR, calls=calls[MODERATOR])
+    return out

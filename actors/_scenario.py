@@ -1,0 +1,433 @@
+"""Scenario files (DESIGN section 9): TOML that ``moot run`` executes.
+
+Loading validates everything before anything runs: a bad file is one
+:class:`ConfigurationError` with a one-line reason, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from moot.events import DialogueContext, DialogueState, JoiningStrategy
+
+from ._agents import Agent, CallableAgent, LlmAgent
+from ._context import TALK_STYLES
+from ._decide import MODES, REACTIONS, validate_order
+from ._dialogue import Dialogue, Input, Participant
+from ._errors import ConfigurationError, DialogueError
+from ._model import Provider
+from ._scripted import ScriptedProvider, parse_replies
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from moot.store import LogBase
+
+    from ._session import TurnReply
+
+__all__ = ["AgentSpec", "Scenario", "load_scenario", "resume_dialogue", "run_dialogue"]
+
+_AGENT_KEYS = {
+    "agent",
+    "replies",
+    "base_url",
+    "model",
+    "api_key_env",
+    "temperature",
+    "max_tokens",
+    "stream",
+    "instructions",
+    "tools",
+    "loop",
+    "history_turns",
+    "options",
+}
+_PARTICIPANT_KEYS = _AGENT_KEYS | {
+    "name",
+    "role",
+    "description",
+    "capabilities",
+    "joins_at",
+    "strategy",
+}
+_DIALOGUE_KEYS = {
+    "mode",
+    "order",
+    "names",
+    "context",
+    "turns",
+    "reaction",
+    "mention_strategy",
+    "id",
+    "metadata",
+}
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """How to build one agent (a participant's or the moderator's), from its table."""
+
+    where: str
+    table: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.table.get("agent", "scripted"))
+
+    def validate(self) -> None:
+        """Check the table without building anything that reaches out (no network)."""
+        kind = self.kind
+        if kind == "scripted":
+            parse_replies(self.table.get("replies"), self.where)
+        elif kind in ("openai", "anthropic"):
+            if not self.table.get("model") and not os.environ.get("OPENAI_MODEL"):
+                raise ConfigurationError(f"{self.where}: agent {kind!r} needs a model")
+        elif ":" in kind:
+            _import(kind, self.where)
+        else:
+            raise ConfigurationError(
+                f"{self.where}: unknown agent {kind!r} "
+                "(expected scripted, openai, anthropic or module:factory)"
+            )
+        if "tools" in self.table or "loop" in self.table:
+            raise ConfigurationError(f"{self.where}: tool-loop participants are not available yet")
+
+    def provider(self) -> Provider:
+        """The model behind this agent."""
+        kind, t = self.kind, self.table
+        if kind == "scripted":
+            label = str(t.get("name", "scripted"))
+            return ScriptedProvider(parse_replies(t.get("replies"), self.where), label=label)
+        if kind == "openai":
+            from ._openai import OpenAIProvider
+
+            return OpenAIProvider(
+                t.get("base_url"),
+                t.get("model"),
+                api_key_env=t.get("api_key_env", "OPENAI_API_KEY"),
+            )
+        if kind == "anthropic":
+            from ._anthropic import AnthropicProvider
+
+            kwargs: dict[str, Any] = {"api_key_env": t.get("api_key_env", "ANTHROPIC_API_KEY")}
+            if t.get("base_url"):
+                kwargs["base_url"] = t["base_url"]
+            return AnthropicProvider(t["model"], **kwargs)
+        raise ConfigurationError(f"{self.where}: agent {kind!r} has no provider")
+
+    def build(self) -> Agent:
+        """The agent, ready to answer."""
+        if ":" in self.kind:
+            made = _import(self.kind, self.where)(dict(self.table))
+            if isinstance(made, Provider):
+                return self._llm(made)
+            if hasattr(made, "respond"):
+                return made  # type: ignore[no-any-return]
+            if callable(made):
+                return CallableAgent(made)
+            raise ConfigurationError(f"{self.where}: {self.kind} returned {type(made).__name__}")
+        return self._llm(self.provider())
+
+    def _llm(self, provider: Provider) -> LlmAgent:
+        t = self.table
+        history = t.get("history_turns", 20)
+        return LlmAgent(
+            provider,
+            instructions=t.get("instructions"),
+            stream=bool(t.get("stream", True)),
+            history_turns=history,
+            temperature=t.get("temperature"),
+            max_tokens=t.get("max_tokens"),
+        )
+
+
+def _import(path: str, where: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"{where}: {path!r} is not of the form module:attribute")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"{where}: cannot import {module_name!r} ({exc})") from exc
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise ConfigurationError(f"{where}: {path!r} is not a callable in {module_name!r}")
+    return target  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class ParticipantSpec:
+    name: str
+    info: dict[str, Any]
+    agent: AgentSpec
+    joins_at: int | None = None
+    strategy: JoiningStrategy = field(default_factory=JoiningStrategy.recent)
+
+    def participant(self) -> Participant:
+        return Participant(
+            name=self.name,
+            agent=self.agent.build(),
+            role=self.info.get("role"),
+            description=self.info.get("description"),
+            capabilities=tuple(self.info.get("capabilities", ())),
+            kind=self.agent.kind,
+        )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario file."""
+
+    path: str
+    mode: str
+    order: str
+    names: tuple[str, ...]
+    context: DialogueContext | None
+    reaction: str | None
+    mention_strategy: str
+    turns: tuple[Input, ...]
+    participants: tuple[ParticipantSpec, ...]
+    moderator: AgentSpec | None
+    stream: str | None = None
+
+    def initial(self) -> list[ParticipantSpec]:
+        return [p for p in self.participants if p.joins_at is None]
+
+
+def load_scenario(path: str | os.PathLike[str]) -> Scenario:
+    """Read and validate a scenario file.
+
+    Raises:
+        ConfigurationError: unreadable or invalid TOML, or anything the scenario
+            format does not allow; the message says where.
+    """
+    where = os.fspath(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigurationError(f"{where}: cannot read ({exc.strerror})") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{where}: invalid TOML ({exc})") from exc
+    if "loop" in raw:
+        raise ConfigurationError(f"{where}: standalone [loop] scenarios are not available yet")
+    dialogue = raw.get("dialogue")
+    if not isinstance(dialogue, dict):
+        raise ConfigurationError(f"{where}: needs a [dialogue] table (or a [loop] table)")
+    unknown = set(raw) - {"dialogue", "participant", "moderator"}
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown table(s): {', '.join(sorted(unknown))}")
+    return _dialogue(where, dialogue, raw.get("participant", []), raw.get("moderator"))
+
+
+def _dialogue(where: str, d: dict[str, Any], people: Any, moderator: Any) -> Scenario:
+    _no_unknown(d, _DIALOGUE_KEYS, f"{where}: [dialogue]")
+    mode = str(d.get("mode", "broadcast"))
+    if mode not in MODES:
+        raise ConfigurationError(f"{where}: unknown mode {mode!r} (expected {', '.join(MODES)})")
+    order = str(d.get("order", "as_added" if mode == "sequential" else "completion"))
+    if not isinstance(people, list) or not people:
+        raise ConfigurationError(f"{where}: needs at least one [[participant]]")
+    specs = [_participant(where, i, p) for i, p in enumerate(people)]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"{where}: participant names must be unique")
+    initial = [s.name for s in specs if s.joins_at is None]
+    try:
+        validate_order(mode, order, tuple(d.get("names", ())), initial)
+    except DialogueError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from exc
+    reaction = d.get("reaction")
+    if reaction is not None and reaction not in REACTIONS:
+        raise ConfigurationError(f"{where}: unknown reaction {reaction!r}")
+    mention = str(d.get("mention_strategy", "exact_word"))
+    if mention not in ("exact_word", "name", "partial"):
+        raise ConfigurationError(f"{where}: unknown mention_strategy {mention!r}")
+    mod_spec = None
+    if moderator is not None:
+        if not isinstance(moderator, dict):
+            raise ConfigurationError(f"{where}: [moderator] must be a table")
+        mod_spec = AgentSpec(f"{where}: [moderator]", {"name": "moderator", **moderator})
+        mod_spec.validate()
+    if mode == "moderator" and mod_spec is None:
+        raise ConfigurationError(f"{where}: mode 'moderator' needs a [moderator] table")
+    return Scenario(
+        path=where,
+        mode=mode,
+        order=order,
+        names=tuple(d.get("names", ())),
+        context=_context(where, d.get("context")),
+        reaction=reaction,
+        mention_strategy=mention,
+        turns=_turns(where, d.get("turns")),
+        participants=tuple(specs),
+        moderator=mod_spec,
+        stream=d.get("id"),
+    )
+
+
+def _no_unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = set(table) - allowed
+    if unknown:
+        raise ConfigurationError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+
+
+def _participant(where: str, index: int, p: Any) -> ParticipantSpec:
+    here = f"{where}: participant[{index}]"
+    if not isinstance(p, dict) or not isinstance(p.get("name"), str) or not p["name"]:
+        raise ConfigurationError(f"{here}: needs a name")
+    here = f"{where}: participant {p['name']!r}"
+    _no_unknown(p, _PARTICIPANT_KEYS, here)
+    spec = AgentSpec(here, p)
+    spec.validate()
+    joins_at = p.get("joins_at")
+    if joins_at is not None and (not isinstance(joins_at, int) or joins_at < 1):
+        raise ConfigurationError(f"{here}: joins_at must be a turn number >= 1")
+    strategy = _strategy(here, p.get("strategy"))
+    return ParticipantSpec(p["name"], p, spec, joins_at, strategy)
+
+
+def _strategy(where: str, raw: Any) -> JoiningStrategy:
+    if raw is None:
+        return JoiningStrategy.recent()
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    try:
+        strategy = msgspec.convert(raw, JoiningStrategy)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"{where}: invalid strategy ({exc})") from exc
+    if strategy.kind == "range" and strategy.start is None:
+        raise ConfigurationError(f"{where}: a range strategy needs start")
+    return strategy
+
+
+def _context(where: str, raw: Any) -> DialogueContext | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return DialogueContext(additional=raw)
+    try:
+        context = msgspec.convert(raw, DialogueContext)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"{where}: invalid context ({exc})") from exc
+    if context.talk_style and not context.template and context.talk_style not in TALK_STYLES:
+        raise ConfigurationError(f"{where}: unknown talk_style {context.talk_style!r}")
+    return context
+
+
+def _turns(where: str, raw: Any) -> tuple[Input, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigurationError(f"{where}: [dialogue] needs a non-empty 'turns' list")
+    out = []
+    for i, t in enumerate(raw):
+        if isinstance(t, str):
+            out.append(Input(t))
+            continue
+        try:
+            out.append(msgspec.convert(t, _TurnSpec).input())
+        except msgspec.ValidationError as exc:
+            raise ConfigurationError(f"{where}: turns[{i}]: {exc}") from exc
+    return tuple(out)
+
+
+class _TurnSpec(msgspec.Struct, forbid_unknown_fields=True):
+    content: str
+    speaker: str = "user"
+    kind: str = "user"
+    message_type: str = "conversational"
+
+    def input(self) -> Input:
+        if self.kind not in ("system", "user", "agent"):
+            raise msgspec.ValidationError(f"kind must be system, user or agent, not {self.kind!r}")
+        return Input(self.content, self.speaker, self.kind, self.message_type)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- running
+
+
+def run_dialogue(
+    scenario: Scenario,
+    log: LogBase,
+    *,
+    stream: str | None = None,
+    on_start: Callable[[str], None] | None = None,
+    on_reply: Callable[[TurnReply], None] | None = None,
+) -> str:
+    """Run a dialogue scenario from its first turn; returns the stream id."""
+    dialogue = Dialogue.create(
+        log,
+        participants=[p.participant() for p in scenario.initial()],
+        mode=scenario.mode,
+        order=scenario.order,
+        names=scenario.names,
+        context=scenario.context,
+        reaction=scenario.reaction,
+        moderator=scenario.moderator.build() if scenario.moderator else None,
+        mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
+        stream=stream or scenario.stream,
+    )
+    if on_start is not None:
+        on_start(dialogue.stream)
+    _play(scenario, dialogue, 0, on_reply)
+    return dialogue.stream
+
+
+def resume_dialogue(
+    scenario: Scenario,
+    log: LogBase,
+    stream: str,
+    *,
+    on_reply: Callable[[TurnReply], None] | None = None,
+) -> str:
+    """Continue an unfinished dialogue with the scenario's agents, from where it stopped."""
+    state = log.replay(stream)
+    if not isinstance(state, DialogueState):
+        raise ConfigurationError(f"stream {stream!r} is a tool loop, not a dialogue")
+    agents = {
+        p.name: p.agent.build() for p in scenario.participants if p.name in state.participants
+    }
+    dialogue = Dialogue.resume(
+        log,
+        stream,
+        agents,
+        moderator=scenario.moderator.build() if scenario.moderator else None,
+        mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
+    )
+    try:
+        for reply in dialogue.finish_turn():
+            if on_reply is not None:
+                on_reply(reply)
+    except BaseException:
+        dialogue.stop()
+        raise
+    _play(scenario, dialogue, state.input_turn, on_reply)
+    return stream
+
+
+def _play(
+    scenario: Scenario,
+    dialogue: Dialogue,
+    done: int,
+    on_reply: Callable[[TurnReply], None] | None,
+) -> None:
+    """Play turns ``done + 1`` onwards, joining late participants as they come due."""
+    try:
+        present = set(dialogue.state().participants)
+        for number, turn_input in enumerate(scenario.turns[done:], start=done + 1):
+            for spec in scenario.participants:
+                if spec.joins_at == number and spec.name not in present:
+                    dialogue.join(spec.participant(), spec.strategy)
+                    present.add(spec.name)
+            for reply in dialogue.session(turn_input):
+                if on_reply is not None:
+                    on_reply(reply)
+    except BaseException:
+        dialogue.stop()
+        raise
+    dialogue.close("completed")
