@@ -87,8 +87,7 @@ class AgentSpec:
         if kind == "scripted":
             parse_replies(self.table.get("replies"), self.where)
         elif kind in ("openai", "anthropic"):
-            if not self.table.get("model") and not os.environ.get("OPENAI_MODEL"):
-                raise ConfigurationError(f"{self.where}: agent {kind!r} needs a model")
+            raise ConfigurationError(f"{self.where}: agent {kind!r} is not available yet")
         elif ":" in kind:
             _import(kind, self.where)
         else:
@@ -105,21 +104,6 @@ class AgentSpec:
         if kind == "scripted":
             label = str(t.get("name", "scripted"))
             return ScriptedProvider(parse_replies(t.get("replies"), self.where), label=label)
-        if kind == "openai":
-            from ._openai import OpenAIProvider
-
-            return OpenAIProvider(
-                t.get("base_url"),
-                t.get("model"),
-                api_key_env=t.get("api_key_env", "OPENAI_API_KEY"),
-            )
-        if kind == "anthropic":
-            from ._anthropic import AnthropicProvider
-
-            kwargs: dict[str, Any] = {"api_key_env": t.get("api_key_env", "ANTHROPIC_API_KEY")}
-            if t.get("base_url"):
-                kwargs["base_url"] = t["base_url"]
-            return AnthropicProvider(t["model"], **kwargs)
         raise ConfigurationError(f"{self.where}: agent {kind!r} has no provider")
 
     def build(self) -> Agent:
