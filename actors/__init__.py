@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from ._agents import Agent, AgentMemory, AgentReply, CallableAgent, LlmAgent, Payload
+from ._anthropic import AnthropicProvider
 from ._context import TALK_STYLES, TalkStyle, render_context
 from ._decide import history_for_joiner, mentioned, should_react, speaking_order
 from ._dialogue import Dialogue, Input, Participant, new_stream_id
@@ -29,6 +30,7 @@ from ._errors import (
     ToolLoopError,
     error_record,
 )
+from ._http import RetryPolicy
 from ._model import (
     Assembler,
     Delta,
@@ -44,6 +46,7 @@ from ._model import (
     UsageDelta,
     call_model,
 )
+from ._openai import OpenAIProvider
 from ._scenario import Scenario, load_scenario, resume_dialogue, run_dialogue
 from ._scripted import ScriptedCall, ScriptedProvider, ScriptedReply
 from ._session import Session, TurnReply
@@ -64,6 +67,7 @@ __all__ = [
     "TALK_STYLES",
     "Agent",
     "AgentMemory",
+    "AnthropicProvider",
     "AgentReply",
     "Assembler",
     "AuthenticationError",
@@ -81,6 +85,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "NotFoundError",
+    "OpenAIProvider",
     "Participant",
     "Payload",
     "PermissionDeniedError",
@@ -89,6 +94,7 @@ __all__ = [
     "ProviderTimeout",
     "RateLimitError",
     "ReasoningDelta",
+    "RetryPolicy",
     "Scenario",
     "ScriptError",
     "ScriptedCall",

@@ -35,7 +35,6 @@ from moot.events import (
     Speaker,
     TurnCompleted,
     TurnStarted,
-    evolve,
 )
 
 from ._agents import Payload
@@ -48,6 +47,7 @@ from ._decide import (
     speaking_order,
 )
 from ._errors import DialogueError
+from ._journal import Journal
 from ._participant import Outcome, ParticipantActor
 from ._session import Channel, TurnReply
 
@@ -118,13 +118,12 @@ class Coordinator(pykka.ThreadingActor):
         super().__init__()
         self.log = log
         self.stream = stream
-        self.state = state
+        self.journal = Journal(log, stream, state)
         self.mention_strategy = mention_strategy
         self._agents = dict(agents)
         self._moderator = moderator
         self._actors: dict[str, pykka.ActorRef[Any]] = {}
         self._mailbox: collections.deque[Outcome] = collections.deque()
-        self._staged: list[Event] = []
         self._run: _Run | None = None
         #: Participants to start once the staged payloads are committed.
         self._after_commit: list[tuple[pykka.ActorRef[Any], Payload]] = []
@@ -155,33 +154,15 @@ class Coordinator(pykka.ThreadingActor):
 
     # ------------------------------------------------------ the one funnel
 
-    def _stage(self, events: Sequence[Event]) -> int:
-        """Fold ``events`` into the state, to be committed by :meth:`_commit`.
+    @property
+    def state(self) -> DialogueState:
+        return self.journal.state
 
-        Returns the seq the first of them will have.
-        """
-        first = self.state.seq + 1
-        state = self.state
-        for event in events:
-            folded = evolve(state, event)
-            assert isinstance(folded, DialogueState)
-            state = folded
-        self.state = state
-        self._staged.extend(events)
-        return first
+    def _stage(self, events: Sequence[Event]) -> int:
+        return self.journal.stage(events)
 
     def _commit(self) -> None:
-        """Append everything staged, in one transaction, expecting no other writer."""
-        if not self._staged:
-            return
-        events, self._staged = self._staged, []
-        try:
-            self.log.append(self.stream, events, expected_seq=self.state.seq - len(events))
-        except BaseException:
-            replayed = self.log.replay(self.stream)
-            assert isinstance(replayed, DialogueState)
-            self.state = replayed
-            raise
+        self.journal.commit()
 
     # ------------------------------------------------------------- messages
 
@@ -256,7 +237,7 @@ class Coordinator(pykka.ThreadingActor):
             else:
                 self._begin(command.inputs, channel)
         except Exception as exc:  # noqa: BLE001  the session raises it in the caller
-            self._staged.clear()
+            self.journal.discard()
             self._run = None
             channel.failed(str(exc))
 
@@ -489,7 +470,7 @@ class Coordinator(pykka.ThreadingActor):
             choice = parse_moderator_choice(outcome.reply.content, list(self.state.participants))
             self._open(run.turn, choice.mode, choice.order, choice.names, [], run.channel)
         except DialogueError as exc:
-            self._staged.clear()
+            self.journal.discard()
             self._run = None
             run.channel.failed(str(exc))
             self._run_queued()

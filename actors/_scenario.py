@@ -18,11 +18,13 @@ import msgspec
 from moot.events import DialogueContext, DialogueState, JoiningStrategy
 
 from ._agents import Agent, CallableAgent, LlmAgent
+from ._anthropic import AnthropicProvider
 from ._context import TALK_STYLES
 from ._decide import MODES, REACTIONS, validate_order
 from ._dialogue import Dialogue, Input, Participant
 from ._errors import ConfigurationError, DialogueError
 from ._model import Provider
+from ._openai import OpenAIProvider
 from ._scripted import ScriptedProvider, parse_replies
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ _AGENT_KEYS = {
     "tools",
     "loop",
     "history_turns",
-    "options",
+    "timeout_s",
 }
 _PARTICIPANT_KEYS = _AGENT_KEYS | {
     "name",
@@ -87,7 +89,9 @@ class AgentSpec:
         if kind == "scripted":
             parse_replies(self.table.get("replies"), self.where)
         elif kind in ("openai", "anthropic"):
-            raise ConfigurationError(f"{self.where}: agent {kind!r} is not available yet")
+            env = "OPENAI_MODEL" if kind == "openai" else "ANTHROPIC_MODEL"
+            if not self.table.get("model") and not os.environ.get(env):
+                raise ConfigurationError(f"{self.where}: agent {kind!r} needs a model (or ${env})")
         elif ":" in kind:
             _import(kind, self.where)
         else:
@@ -104,6 +108,20 @@ class AgentSpec:
         if kind == "scripted":
             label = str(t.get("name", "scripted"))
             return ScriptedProvider(parse_replies(t.get("replies"), self.where), label=label)
+        if kind == "openai":
+            return OpenAIProvider(
+                t.get("base_url"),
+                t.get("model"),
+                api_key_env=t.get("api_key_env", "OPENAI_API_KEY"),
+                timeout=t.get("timeout_s"),
+            )
+        if kind == "anthropic":
+            return AnthropicProvider(
+                t.get("model"),
+                base_url=t.get("base_url"),
+                api_key_env=t.get("api_key_env", "ANTHROPIC_API_KEY"),
+                timeout=t.get("timeout_s"),
+            )
         raise ConfigurationError(f"{self.where}: agent {kind!r} has no provider")
 
     def build(self) -> Agent:

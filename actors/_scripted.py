@@ -111,6 +111,8 @@ class ScriptedProvider:
         self._next = 0
         #: Calls made through this object (not counting skipped ones).
         self.calls = 0
+        #: The requests received, in order (what the model was shown).
+        self.requests: list[ModelRequest] = []
         self._cancel = threading.Event()
 
     def __repr__(self) -> str:
@@ -146,6 +148,7 @@ class ScriptedProvider:
 
     def stream(self, request: ModelRequest, *, deadline: float | None = None) -> Iterator[Delta]:
         index, reply = self._take()
+        self.requests.append(request)
         self._wait(reply.delay_ms / 1000, deadline)
         if reply.error is not None:
             raise ScriptError(reply.error)

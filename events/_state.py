@@ -18,6 +18,7 @@ Memory stays flat however long the dialogue runs.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Literal
 
 import msgspec
@@ -69,6 +70,7 @@ __all__ = [
     "State",
     "Status",
     "TurnState",
+    "call_signature",
     "denied_result",
     "evolve",
     "fold",
@@ -273,6 +275,9 @@ class LoopState(msgspec.Struct, kw_only=True):
     messages: list[ChatMessage] = []
     #: The last iteration started (1-based).
     iteration: int = 0
+    #: The last iteration whose model call answered (less than ``iteration`` while a
+    #: call is in flight, or was when the process stopped).
+    answered: int = 0
     usage: Usage = Usage()
     #: Calls of the last response that are still waiting for their results, in call order.
     round_calls: list[ToolCallBlock] = []
@@ -286,6 +291,10 @@ class LoopState(msgspec.Struct, kw_only=True):
     running: dict[str, ToolExecutionStart] = {}
     last_response: tuple[ContentBlock, ...] = ()
     stop_reason: str | None = None
+    #: Loop detection: the signature of the last set of tool calls, and how many
+    #: responses in a row asked for exactly that set (reset by an injected warning).
+    repeat_signature: str = ""
+    repeat_count: int = 0
     detections: int = 0
     masked_results: int = 0
     tokens_saved: int = 0
@@ -326,9 +335,15 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
             s.messages.append(ChatMessage(role="assistant", content=ev.content))
             s.last_response = ev.content
             s.stop_reason = ev.stop_reason
+            s.answered = ev.iteration
             s.round_calls = [b for b in ev.content if isinstance(b, ToolCallBlock)]
             s.results = {}
             s.decisions = {}
+            if s.round_calls:
+                signature = call_signature(s.round_calls)
+                same = signature == s.repeat_signature
+                s.repeat_signature = signature
+                s.repeat_count = s.repeat_count + 1 if same else 1
         case ToolExecutionStart():
             s.running[ev.call_id] = ev
         case ToolExecutionEnd():
@@ -343,6 +358,8 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
                 _add_result(s, denied_result(ev.call_id, ev.reason))
         case LoopDetected():
             s.detections += 1
+            if ev.action == "inject_warning":
+                s.repeat_count = 0
         case MessagesInjected():
             s.messages.extend(ev.messages)
         case ObservationsMasked():
@@ -359,6 +376,17 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
     return s
 
 
+def call_signature(calls: list[ToolCallBlock] | tuple[ToolCallBlock, ...]) -> str:
+    """The names and arguments of a set of tool calls, whatever the order of calls or keys.
+
+    Two responses asking for the same set of calls have the same signature.
+    """
+    parts = sorted(
+        msgspec.json.encode([c.name, c.arguments], order="sorted").decode() for c in calls
+    )
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 def _add_result(s: LoopState, result: ToolResultBlock) -> None:
     """Collect a result; once the round is complete, feed all of them back in call order."""
     s.results[result.tool_call_id] = result
@@ -370,20 +398,28 @@ def _add_result(s: LoopState, result: ToolResultBlock) -> None:
 
 
 def _mask(s: LoopState, count: int) -> None:
-    """Replace the oldest ``count`` unmasked tool results with :data:`MASKED_RESULT`."""
-    seen = 0
-    target = s.masked_results + count
+    """Replace the oldest ``count`` unmasked results with :data:`MASKED_RESULT`.
+
+    Error results are never masked: the model needs to know what went wrong.
+    """
+    left = count
     for i, msg in enumerate(s.messages):
-        if msg.role != "tool" or seen >= target:
+        if left <= 0:
+            break
+        if msg.role != "tool":
             continue
         blocks = list(msg.content)
         for j, block in enumerate(blocks):
-            if isinstance(block, ToolResultBlock):
-                seen += 1
-                if s.masked_results < seen <= target:
-                    blocks[j] = msgspec.structs.replace(block, content=MASKED_RESULT)
+            if (
+                left > 0
+                and isinstance(block, ToolResultBlock)
+                and not block.is_error
+                and block.content != MASKED_RESULT
+            ):
+                blocks[j] = msgspec.structs.replace(block, content=MASKED_RESULT)
+                left -= 1
         s.messages[i] = ChatMessage(role="tool", content=tuple(blocks))
-    s.masked_results = min(seen, target)
+    s.masked_results += count - left
 
 
 # ------------------------------------------------------------------------ both

@@ -1,0 +1,619 @@
+"""HTTP plumbing shared by the model providers: one client, timeouts, retries, SSE, errors.
+
+Everything a provider sends over the network goes through one :class:`HttpEndpoint`,
+so the rules live in one place:
+
+* one pooled :class:`httpx.Client` per provider, or the one the caller injects (which
+  the endpoint then never closes);
+* a connect timeout, a read timeout (the longest silence between two reads, so a slow
+  first token counts), and a total deadline for the whole call, retries included;
+* HTTP statuses and httpx exceptions become :class:`ProviderError` subclasses here and
+  nowhere else, always with ``raise ... from``::
+
+      401 AuthenticationError   403 PermissionDeniedError   404 NotFoundError
+      400/413/422 BadRequestError   408 ProviderTimeout   429 RateLimitError
+      5xx/529 ServerError   timeouts ProviderTimeout   broken connections ConnectionLostError
+      undecodable bodies and SSE framing MalformedResponseError
+
+* a failed attempt is tried again while :class:`RetryPolicy` allows it: only retryable
+  errors, at most ``max_attempts`` attempts, never sleeping past the deadline, and
+  honouring a 429's ``Retry-After``. A stream is retried only until its body starts:
+  deltas already handed to the caller cannot be taken back;
+* secrets (the values of credential headers) are scrubbed from every message this
+  module builds or logs, and never appear in a ``repr``.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from contextlib import closing, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import msgspec
+from httpx_sse import EventSource, ServerSentEvent, SSEError
+
+from ._errors import (
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConnectionLostError,
+    MalformedResponseError,
+    NotFoundError,
+    PermissionDeniedError,
+    ProviderError,
+    ProviderTimeout,
+    RateLimitError,
+    ServerError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Generator, Iterator, Mapping
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
+    "HttpEndpoint",
+    "RetryPolicy",
+    "build_client",
+    "drain",
+    "error_detail",
+    "error_for_status",
+    "map_http_errors",
+    "parse_arguments",
+    "parse_retry_after",
+    "redact",
+    "secrets_of",
+]
+
+logger = logging.getLogger("moot.actors.http")
+
+#: Seconds to wait for a TCP (and TLS) connection.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds of silence allowed between two reads. Generous, because a big model's first
+#: token can take a minute; a total limit belongs to the deadline, not to this.
+DEFAULT_READ_TIMEOUT = 120.0
+
+#: Header names whose values are credentials, scrubbed from every message.
+_SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "x-goog-api-key"}
+)
+#: Shorter strings are not scrubbed: redacting "a" from every message would help nobody.
+_MIN_SECRET_LENGTH = 4
+_REDACTED = "[redacted]"
+#: How much of an error body goes into an exception message.
+_MAX_DETAIL = 500
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How often and how patiently a failed model call is tried again.
+
+    The wait before attempt ``n + 1`` is ``initial_delay * multiplier ** (n - 1)``, capped
+    at ``max_delay``, then spread by ``±jitter`` of itself so that many clients do not
+    retry in step. A 429's ``Retry-After`` replaces the computed wait; one longer than
+    ``max_delay``, or one that would end past the call's deadline, ends the call at once
+    with the :class:`RateLimitError` (which carries ``retry_after`` for the caller).
+
+    Attributes:
+        max_attempts: Attempts in total, the first one included (1 = never retry).
+        initial_delay: Seconds before the second attempt, before jitter.
+        multiplier: Growth of the wait from one attempt to the next.
+        max_delay: Upper bound of any wait, in seconds.
+        jitter: Fraction of the wait (0 to 1) by which it is randomly spread.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 0.5
+    multiplier: float = 2.0
+    max_delay: float = 30.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigurationError("RetryPolicy.max_attempts must be at least 1")
+        if min(self.initial_delay, self.multiplier, self.max_delay) < 0:
+            raise ConfigurationError("RetryPolicy delays and multiplier must not be negative")
+        if not 0 <= self.jitter <= 1:
+            raise ConfigurationError("RetryPolicy.jitter must be between 0 and 1")
+
+    def backoff(self, attempt: int, *, spread: float | None = None) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (1-based), jitter included.
+
+        Args:
+            attempt: The number of the attempt that just failed.
+            spread: A number in [0, 1) standing for the random draw (for tests);
+                ``None`` draws one.
+
+        Returns:
+            The wait in seconds, never more than ``max_delay``.
+        """
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (attempt - 1))
+        draw = random.random() if spread is None else spread
+        wait = base * (1 - self.jitter + 2 * self.jitter * draw)
+        return max(0.0, min(self.max_delay, wait))
+
+    def wait_before_retry(
+        self, error: ProviderError, attempt: int, *, deadline: float | None, now: float
+    ) -> float | None:
+        """Seconds to wait before trying again after ``error``, or None to give up.
+
+        Args:
+            error: The error of the attempt that just failed.
+            attempt: Its number (1-based).
+            deadline: The :func:`time.monotonic` instant the call must end by, if any.
+            now: The current :func:`time.monotonic` instant.
+
+        Returns:
+            The wait, or None when the error is final, the attempts are used up, the
+            server asked for a wait longer than ``max_delay``, or the wait (plus any
+            time at all for the next attempt) would not fit before the deadline.
+        """
+        if not error.retryable or attempt >= self.max_attempts:
+            return None
+        retry_after = error.retry_after if isinstance(error, RateLimitError) else None
+        if retry_after is not None:
+            if retry_after > self.max_delay:
+                return None
+            wait = retry_after
+        else:
+            wait = self.backoff(attempt)
+        if deadline is not None and now + wait >= deadline:
+            return None
+        return wait
+
+
+def build_client(
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_connections: int = 32,
+) -> httpx.Client:
+    """A pooled client for one provider. Redirects are not followed (an API never needs them).
+
+    Args:
+        connect_timeout: Seconds to establish a connection.
+        read_timeout: Seconds of silence allowed between reads (also used for writes).
+        max_connections: Upper bound of simultaneous connections (one per concurrent call).
+
+    Returns:
+        A new :class:`httpx.Client`; whoever builds it closes it.
+    """
+    return httpx.Client(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=8),
+        follow_redirects=False,
+    )
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    """``text`` with every secret replaced by ``[redacted]``.
+
+    Args:
+        text: Any message.
+        secrets: The strings to hide (shorter than 4 characters are left alone).
+
+    Returns:
+        The scrubbed text.
+    """
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET_LENGTH and secret in text:
+            text = text.replace(secret, _REDACTED)
+    return text
+
+
+def secrets_of(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The credential values among ``headers``: whole values and bearer tokens alone."""
+    found: list[str] = []
+    for name, value in headers.items():
+        if name.lower() in _SECRET_HEADERS and value:
+            found.append(value)
+            scheme, _, token = value.partition(" ")
+            if token and scheme.lower() in {"bearer", "basic", "token"}:
+                found.append(token.strip())
+    # Longest first, so a whole "Bearer sk-..." is replaced before the bare token.
+    return tuple(sorted(set(found), key=len, reverse=True))
+
+
+def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """The wait a server asked for, in seconds: ``retry-after-ms``, else ``Retry-After``.
+
+    ``Retry-After`` may be a number of seconds or an HTTP date.
+
+    Args:
+        headers: The response headers (case-insensitive lookup is the caller's: pass
+            an :class:`httpx.Headers` or lower-case names).
+        now: The current wall-clock time (``time.time()``) for HTTP dates; for tests.
+
+    Returns:
+        Seconds (never negative), or None when the server did not say or said nonsense.
+    """
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    """An error body: ``{"error": {"message", "type"}}``, ``{"error": "..."}``, ``{"message"}``."""
+
+    error: _ErrorDetail | str | None = None
+    message: str | None = None
+
+
+_error_body_decoder = msgspec.json.Decoder(_ErrorBody)
+_args_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def error_detail(content: bytes | str) -> str:
+    """The human part of an error body: its message (and type), else its raw text, shortened."""
+    try:
+        body = _error_body_decoder.decode(content)
+    except msgspec.DecodeError:
+        raw = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
+        return _shorten(raw.strip())
+    if isinstance(body.error, _ErrorDetail):
+        detail = body.error.message or ""
+        if body.error.type and body.error.type not in detail:
+            detail = f"{body.error.type}: {detail}" if detail else body.error.type
+        return _shorten(detail)
+    return _shorten(body.error or body.message or "")
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def error_for_status(
+    status: int,
+    detail: str,
+    *,
+    provider: str,
+    retry_after: float | None = None,
+) -> ProviderError:
+    """The :class:`ProviderError` for an HTTP status (or an in-stream error with a status).
+
+    Args:
+        status: The HTTP status code.
+        detail: What the server said (already scrubbed of secrets).
+        provider: The provider's name, for the message.
+        retry_after: For a 429, the wait the server asked for.
+
+    Returns:
+        The error to raise; its ``status_code`` is ``status``.
+    """
+    message = f"{provider}: HTTP {status}" + (f": {detail}" if detail else "")
+    if status == 429:
+        return RateLimitError(message, status_code=status, retry_after=retry_after)
+    if status >= 500:
+        return ServerError(message, status_code=status)
+    error_type: type[ProviderError] = {
+        400: BadRequestError,
+        401: AuthenticationError,
+        403: PermissionDeniedError,
+        404: NotFoundError,
+        408: ProviderTimeout,
+        413: BadRequestError,
+        422: BadRequestError,
+    }.get(status, ProviderError)
+    return error_type(message, status_code=status)
+
+
+def parse_arguments(name: str, raw: str) -> dict[str, Any]:
+    """A tool call's JSON arguments as a dict (empty text means no arguments).
+
+    Raises:
+        MalformedResponseError: the text is not a JSON object.
+    """
+    text = raw.strip()
+    if not text:
+        return {}
+    try:
+        return _args_decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        raise MalformedResponseError(
+            f"tool call {name!r}: arguments are not a JSON object ({exc})"
+        ) from exc
+
+
+def drain(events: Iterator[ServerSentEvent]) -> None:
+    """Read what is left of a finished stream, so that its connection can be reused.
+
+    Servers end the body right after the last event; an error while reading that end
+    changes nothing about a reply that is already complete, so it is only logged.
+    """
+    try:
+        for _ in events:
+            pass
+    except ProviderError as exc:
+        logger.debug("ignoring an error after the end of a reply: %s", exc)
+
+
+@contextmanager
+def map_http_errors(provider: str, secrets: tuple[str, ...]) -> Iterator[None]:
+    """Translate httpx's and httpx-sse's exceptions into :class:`ProviderError` (the boundary).
+
+    Args:
+        provider: The provider's name, for messages.
+        secrets: Strings to scrub from messages.
+
+    Raises:
+        ProviderError: the subclass that says what the caller can do.
+    """
+    try:
+        yield
+    except httpx.ConnectTimeout as exc:
+        raise ProviderTimeout(_say(provider, "connect timeout", exc, secrets)) from exc
+    except httpx.PoolTimeout as exc:
+        raise ProviderTimeout(_say(provider, "no free connection in time", exc, secrets)) from exc
+    except httpx.TimeoutException as exc:
+        raise ProviderTimeout(_say(provider, "read timeout", exc, secrets)) from exc
+    except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+        raise ConnectionLostError(_say(provider, "connection lost", exc, secrets)) from exc
+    except httpx.DecodingError as exc:
+        raise MalformedResponseError(_say(provider, "undecodable body", exc, secrets)) from exc
+    except SSEError as exc:
+        raise MalformedResponseError(_say(provider, "not an event stream", exc, secrets)) from exc
+    except httpx.HTTPError as exc:
+        raise ProviderError(_say(provider, type(exc).__name__, exc, secrets)) from exc
+
+
+def _say(provider: str, what: str, exc: BaseException, secrets: tuple[str, ...]) -> str:
+    said = str(exc)
+    return redact(f"{provider}: {what}" + (f" ({said})" if said else ""), secrets)
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    """A response body that ends with :class:`ProviderTimeout` once the deadline has passed.
+
+    httpx's read timeout bounds each silence, not the whole body: a server that keeps
+    sending keep-alive comments would otherwise hold a call forever. Checking at every
+    chunk that arrives bounds such a stream. A chunk that never arrives is bounded by
+    the read timeout, which :meth:`HttpEndpoint._timeouts` caps at the time that was
+    left when the attempt began (httpx fixes it per request), so a body that stalls
+    overruns the deadline by at most the time the attempt had already taken.
+    """
+
+    def __init__(self, inner: httpx.SyncByteStream, deadline: float, provider: str) -> None:
+        self._inner = inner
+        self._deadline = deadline
+        self._provider = provider
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._inner:
+            if time.monotonic() >= self._deadline:
+                raise ProviderTimeout(f"{self._provider}: the call's deadline passed mid-response")
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class HttpEndpoint:
+    """One provider's HTTP side: a URL, its headers, a pooled client, timeouts and retries.
+
+    Safe to use from several threads at once (an :class:`httpx.Client` is).
+
+    Args:
+        provider: The provider's name, for messages and logs.
+        url: The absolute URL every call is POSTed to.
+        headers: Headers of every call (credentials included: they are kept private).
+        client: An :class:`httpx.Client` to use instead of building one; the endpoint
+            never closes a client it did not build.
+        retry: When to try a failed attempt again.
+        connect_timeout: Seconds to connect.
+        read_timeout: Seconds of silence allowed between reads.
+        timeout: Seconds a whole call may take, retries included (None: no limit but the
+            request's and the caller's deadlines).
+    """
+
+    def __init__(
+        self,
+        provider: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        client: httpx.Client | None = None,
+        retry: RetryPolicy | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        timeout: float | None = None,
+    ) -> None:
+        self.provider = provider
+        self.url = url
+        self.retry = retry or RetryPolicy()
+        self._headers = dict(headers)
+        self._secrets = secrets_of(self._headers)
+        self._owns_client = client is None
+        self._client = client or build_client(
+            connect_timeout=connect_timeout, read_timeout=read_timeout
+        )
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<HttpEndpoint {self.provider} {self.url}>"
+
+    def redact(self, text: str) -> str:
+        """``text`` without this endpoint's secrets."""
+        return redact(text, self._secrets)
+
+    def close(self) -> None:
+        """Close the connection pool, if this endpoint built it."""
+        if self._owns_client:
+            self._client.close()
+
+    def deadline(self, request_timeout: float | None, deadline: float | None) -> float | None:
+        """The :func:`time.monotonic` instant a call starting now must end by.
+
+        Args:
+            request_timeout: The request's own limit in seconds (``timeout_s``), if any.
+            deadline: The caller's deadline, if any.
+
+        Returns:
+            The earliest of the two and of this endpoint's total timeout; None if none.
+        """
+        now = time.monotonic()
+        candidates = [d for d in (deadline,) if d is not None]
+        candidates += [now + t for t in (request_timeout, self._timeout) if t is not None]
+        return min(candidates) if candidates else None
+
+    def post(
+        self, body: bytes, *, headers: Mapping[str, str] | None = None, deadline: float | None
+    ) -> bytes:
+        """POST ``body`` (JSON) and return the successful response's body, retrying as allowed.
+
+        Raises:
+            ProviderError: the call failed (after any retries).
+        """
+        call_headers = self._call_headers(headers, stream=False)
+        secrets = self._call_secrets(call_headers)
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                response = self._open(body, call_headers, secrets, deadline)
+                with closing(response), map_http_errors(self.provider, secrets):
+                    return response.read()
+            except ProviderError as exc:
+                self._pause_or_raise(exc, attempt, deadline)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def events(
+        self, body: bytes, *, headers: Mapping[str, str] | None = None, deadline: float | None
+    ) -> Generator[ServerSentEvent, None, None]:
+        """POST ``body`` (JSON) and yield the server-sent events of the response.
+
+        Opening the stream is retried as allowed; once the body has started, an error
+        ends the iteration. Closing the iterator closes the connection.
+
+        Raises:
+            ProviderError: the call failed, before or during the stream.
+        """
+        call_headers = self._call_headers(headers, stream=True)
+        secrets = self._call_secrets(call_headers)
+        response = self._open_with_retries(body, call_headers, secrets, deadline)
+        with closing(response), map_http_errors(self.provider, secrets):
+            yield from EventSource(response).iter_sse()
+
+    def _open_with_retries(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        secrets: tuple[str, ...],
+        deadline: float | None,
+    ) -> httpx.Response:
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                return self._open(body, headers, secrets, deadline)
+            except ProviderError as exc:
+                self._pause_or_raise(exc, attempt, deadline)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _pause_or_raise(self, error: ProviderError, attempt: int, deadline: float | None) -> None:
+        """Sleep before the next attempt, or re-raise ``error`` (the caller's current exception)."""
+        wait = self.retry.wait_before_retry(error, attempt, deadline=deadline, now=time.monotonic())
+        if wait is None:
+            raise error
+        logger.warning(
+            "%s: attempt %d of %d failed (%s); retrying in %.2f s",
+            self.provider,
+            attempt,
+            self.retry.max_attempts,
+            error,  # messages are built scrubbed
+            wait,
+        )
+        time.sleep(wait)
+
+    def _open(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        secrets: tuple[str, ...],
+        deadline: float | None,
+    ) -> httpx.Response:
+        """One attempt: send, and return the streaming response if its status is a success."""
+        request = self._client.build_request(
+            "POST", self.url, content=body, headers=headers, timeout=self._timeouts(deadline)
+        )
+        with map_http_errors(self.provider, secrets):
+            response = self._send(request)
+        if deadline is not None and isinstance(response.stream, httpx.SyncByteStream):
+            response.stream = _DeadlineStream(response.stream, deadline, self.provider)
+        if response.is_success:
+            return response
+        with closing(response), map_http_errors(self.provider, secrets):
+            content = response.read()
+        raise error_for_status(
+            response.status_code,
+            redact(error_detail(content), secrets),
+            provider=self.provider,
+            retry_after=parse_retry_after(response.headers),
+        )
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """Send once, and once more at once if a kept-alive connection turns out closed.
+
+        Some servers (llama.cpp's, for one) close the connection after every stream
+        without saying so; the pool may hand it out again before the close is seen, and
+        the request then gets no answer at all. Sending it again on a new connection is
+        not a retry of a failed call, so it costs no attempt and no wait.
+        """
+        try:
+            return self._client.send(request, stream=True)
+        except httpx.RemoteProtocolError as exc:
+            logger.debug(
+                "%s: no answer on a kept-alive connection (%s); resending", self.provider, exc
+            )
+            return self._client.send(request, stream=True)
+
+    def _timeouts(self, deadline: float | None) -> httpx.Timeout:
+        """This attempt's timeouts: the configured ones, none longer than the time left."""
+        connect, read = self._connect_timeout, self._read_timeout
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProviderTimeout(f"{self.provider}: the call's deadline passed")
+            connect, read = min(connect, left), min(read, left)
+        return httpx.Timeout(read, connect=connect, pool=connect)
+
+    def _call_headers(self, extra: Mapping[str, str] | None, *, stream: bool) -> dict[str, str]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if stream else "application/json",
+        }
+        if stream:
+            headers["cache-control"] = "no-store"
+        headers.update(self._headers)
+        if extra:
+            headers.update(extra)
+        return headers
+
+    def _call_secrets(self, headers: Mapping[str, str]) -> tuple[str, ...]:
+        extra = secrets_of(headers)
+        if set(extra) <= set(self._secrets):
+            return self._secrets
+        return tuple(sorted(set(extra) | set(self._secrets), key=len, reverse=True))

@@ -1,0 +1,941 @@
+"""Tool loops: call a model, run the tools it asks for, repeat until a reason to stop.
+
+Each loop is a pykka actor writing its own stream. Every step is appended as it
+happens, in causal order: ``IterationStart`` before the model call, ``LlmResponse``
+after it, ``ToolExecutionStart`` before each tool runs and ``ToolExecutionEnd`` after,
+and one terminal ``Done`` or ``LoopFailed``. The history the next model call sees is
+``LoopState.messages``, folded from those events: there is no other copy.
+
+A :class:`ToolLoopHandle` drives the loop from any thread: :meth:`~ToolLoopHandle.next_turn`
+runs one iteration and returns what happened (tools ran, finished, failed, or paused for
+a person's approval); between iterations the caller may continue, inject messages, or
+stop. :meth:`~ToolLoopHandle.run` drives it to the end. A loop picks up after a crash
+with :meth:`ToolLoop.resume`, and waits for approvals across restarts.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import msgspec
+import pykka
+
+from moot.events import (
+    MASKED_RESULT,
+    ApprovalRequested,
+    ChatMessage,
+    ContentBlock,
+    Done,
+    Error,
+    IterationStart,
+    LlmResponse,
+    LoopConfigInfo,
+    LoopDetected,
+    LoopDetectionInfo,
+    LoopFailed,
+    LoopParent,
+    LoopStarted,
+    LoopState,
+    MessagesInjected,
+    ObservationsMasked,
+    Termination,
+    ToolCallBlock,
+    ToolCallDecided,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolResultBlock,
+    Usage,
+    text_of,
+)
+
+from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record
+from ._journal import Journal
+from ._model import Delta, ModelRequest, ModelResponse, Provider, call_model
+from ._tools import ToolContext, ToolRegistry
+
+if TYPE_CHECKING:
+    from moot.store import LogBase
+
+__all__ = [
+    "Approval",
+    "Completed",
+    "Failed",
+    "LoopResult",
+    "Paused",
+    "Pricing",
+    "StopContext",
+    "ToolLoop",
+    "ToolLoopConfig",
+    "ToolLoopHandle",
+    "Yielded",
+    "approve",
+    "ask_person",
+    "deny",
+    "modify",
+]
+
+LOOP_WARNING = (
+    "Warning: you have called {tool} with identical arguments {count} times in a row. "
+    "This looks like a loop; try a different approach or tool."
+)
+INTERRUPTED = "Tool '{tool}' was interrupted (the process stopped) and was not run again."
+
+
+# ------------------------------------------------------------------- policies
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A decision on one tool call: approve, deny, modify its arguments, or ask a person."""
+
+    decision: Literal["approve", "deny", "modify", "ask"]
+    reason: str | None = None
+    arguments: dict[str, Any] | None = None
+
+
+def approve() -> Approval:
+    return Approval("approve")
+
+
+def deny(reason: str | None = None) -> Approval:
+    return Approval("deny", reason)
+
+
+def modify(arguments: dict[str, Any], reason: str | None = None) -> Approval:
+    return Approval("modify", reason, arguments)
+
+
+def ask_person(reason: str | None = None) -> Approval:
+    """Pause the loop until a person decides (through the API or ``moot approve``)."""
+    return Approval("ask", reason)
+
+
+@dataclass(frozen=True)
+class StopContext:
+    """What a stop condition sees after each model response."""
+
+    iteration: int
+    response: ModelResponse
+    #: Usage of the whole loop so far, this response included.
+    usage: Usage
+    #: Tool calls executed (or denied) in earlier iterations.
+    calls_executed: int
+    #: The results of the previous iteration's tool calls, in call order.
+    last_results: tuple[ToolResultBlock, ...]
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """Prices per million tokens, by model name, for :meth:`LoopResult.cost`."""
+
+    per_million: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+    def cost(self, model: str | None, usage: Usage) -> float:
+        price_in, price_out = self.per_million.get(model or "", (0.0, 0.0))
+        return (usage.input_tokens * price_in + usage.output_tokens * price_out) / 1_000_000
+
+
+StopCondition = Callable[[StopContext], "bool | str | None"]
+ApprovalPolicy = Callable[[ToolCallBlock], Approval]
+
+
+@dataclass(frozen=True)
+class ToolLoopConfig:
+    """Everything that shapes a loop. Hooks are code; the rest is recorded in LoopStarted.
+
+    Args:
+        max_iterations: Model calls at most; hitting it ends with ``max_iterations``
+            and keeps the last real response.
+        parallel_tool_execution: Run the calls of one response at once.
+        max_depth: How deep loops may nest (a loop started from a tool of a loop).
+        timeout_s: A deadline for the whole loop; it also cuts a running model call or
+            tool. None: no limit.
+        stop_when: Sees each response (:class:`StopContext`); return True or a reason
+            to stop before the tools run.
+        approval: Decides each tool call (see :func:`approve`, :func:`deny`,
+            :func:`modify`, :func:`ask_person`). None approves everything.
+        loop_detection: Threshold and action (warn, stop, inject_warning) for the same
+            set of calls repeated.
+        mask_keep_iterations: Keep this many recent rounds of tool results; older ones
+            are replaced by a placeholder before the next model call. None: never.
+        result_processor: ``(tool, content) -> content`` for every successful result.
+        result_extractor: ``(tool, content, query) -> content | None`` for results above
+            ``extract_above_tokens``; ``query`` is the last user message.
+        result_cacher: ``(tool, content) -> summary | None`` for results above
+            ``cache_above_tokens`` (store the content elsewhere, return a stand-in).
+        stream: Use the streaming model API.
+        pricing: For cost estimates.
+    """
+
+    max_iterations: int = 10
+    parallel_tool_execution: bool = True
+    max_depth: int | None = 3
+    timeout_s: float | None = None
+    stop_when: StopCondition | None = None
+    approval: ApprovalPolicy | None = None
+    loop_detection: LoopDetectionInfo | None = None
+    mask_keep_iterations: int | None = None
+    result_processor: Callable[[str, str], str] | None = None
+    result_extractor: Callable[[str, str, str], str | None] | None = None
+    extract_above_tokens: int = 15_000
+    result_cacher: Callable[[str, str], str | None] | None = None
+    cache_above_tokens: int = 2_000
+    stream: bool = True
+    temperature: float | None = None
+    max_tokens: int | None = None
+    pricing: Pricing = field(default_factory=Pricing)
+
+    def record(self) -> LoopConfigInfo:
+        return LoopConfigInfo(
+            max_iterations=self.max_iterations,
+            parallel_tool_execution=self.parallel_tool_execution,
+            timeout_s=self.timeout_s,
+            max_depth=self.max_depth,
+            loop_detection=self.loop_detection,
+            mask_keep_iterations=self.mask_keep_iterations,
+        )
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count: a quarter of the UTF-8 length, at least 1 for non-empty text."""
+    return 0 if not text else max(1, (len(text.encode()) + 3) // 4)
+
+
+# -------------------------------------------------------------------- results
+
+
+class LoopResult(msgspec.Struct, frozen=True, kw_only=True):
+    """How a loop ended."""
+
+    stream: str
+    termination: Termination
+    iterations: int
+    usage: Usage
+    response: tuple[ContentBlock, ...]
+    model: str | None = None
+
+    @property
+    def text(self) -> str:
+        return text_of(self.response)
+
+    def cost(self, pricing: Pricing) -> float:
+        return pricing.cost(self.model, self.usage)
+
+
+class Yielded(msgspec.Struct, frozen=True, kw_only=True):
+    """Tools ran; the loop waits for the caller (continue, inject, or stop)."""
+
+    iteration: int
+    calls: tuple[ToolCallBlock, ...]
+    results: tuple[ToolResultBlock, ...]
+    usage: Usage
+
+
+class Completed(msgspec.Struct, frozen=True, kw_only=True):
+    result: LoopResult
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True):
+    """The loop failed; every later call returns this again."""
+
+    error: Error
+    iterations: int
+    usage: Usage
+
+
+class Paused(msgspec.Struct, frozen=True, kw_only=True):
+    """The loop waits for a person to decide these calls."""
+
+    calls: tuple[ToolCallBlock, ...]
+
+
+LoopTurn = Yielded | Completed | Failed | Paused
+
+
+# ----------------------------------------------------------------- the engine
+
+
+class _Command(msgspec.Struct, frozen=True):
+    kind: Literal["continue", "inject", "stop"]
+    messages: tuple[ChatMessage, ...] = ()
+    reason: str | None = None
+
+
+class _Engine:
+    """One loop's logic, run in its actor's thread. Decides, appends, folds."""
+
+    def __init__(
+        self,
+        journal: Journal[LoopState],
+        provider: Provider,
+        tools: ToolRegistry,
+        config: ToolLoopConfig,
+        *,
+        on_delta: Callable[[Delta], None] | None,
+        runtime: Any,
+    ) -> None:
+        self.journal = journal
+        self.provider = provider
+        self.tools = tools
+        self.config = config
+        self.on_delta = on_delta
+        self.runtime = runtime
+        self.started = time.monotonic()
+        self.deadline = None if config.timeout_s is None else self.started + config.timeout_s
+        self.command: _Command | None = None
+        self.ask_reason: str | None = None
+        self.pending_warning: str | None = None
+        self.calls_executed = 0
+        self.last_results: tuple[ToolResultBlock, ...] = ()
+
+    @property
+    def state(self) -> LoopState:
+        return self.journal.state
+
+    @property
+    def stream(self) -> str:
+        return self.journal.stream
+
+    # ------------------------------------------------------------- one turn
+
+    def next_turn(self) -> LoopTurn:
+        """Run until the tools of one response have run, the loop ends, or it pauses."""
+        state = self.state
+        if state.finished:
+            return self._terminal()
+        if state.awaiting:
+            return self._after_decisions()
+        if state.round_calls:  # a response whose tools have not all run (a restart)
+            return self._run_round(state.round_calls)
+        if state.answered < state.iteration:  # a model call in flight when it stopped
+            return self._respond()
+        return self._iterate()
+
+    def _iterate(self) -> LoopTurn:
+        state = self.state
+        limit = self.config.max_depth
+        if state.iteration == 0 and limit is not None and state.depth >= limit:
+            return self._fail(
+                ToolLoopError(f"max nesting depth exceeded (depth {state.depth}, limit {limit})")
+            )
+        command, self.command = self.command, None
+        if command is not None and command.kind == "stop":
+            return self._done("stop_condition", command.reason, state.last_response)
+        if command is not None and command.kind == "inject":
+            self.journal.append([MessagesInjected(messages=command.messages, source="command")])
+        if self._timed_out():
+            return self._timeout(state.last_response)
+        if state.iteration >= self.config.max_iterations:
+            return self._done(
+                "max_iterations", f"limit {self.config.max_iterations}", state.last_response
+            )
+        events: list[Any] = [
+            IterationStart(iteration=state.iteration + 1, message_count=len(state.messages))
+        ]
+        events.extend(self._masking(state.iteration + 1))
+        self.journal.append(events)
+        return self._respond()
+
+    def _respond(self) -> LoopTurn:
+        """Call the model for the current iteration and act on its answer."""
+        state = self.state
+        try:
+            response = call_model(
+                self.provider,
+                self._request(),
+                stream=self.config.stream,
+                on_delta=self.on_delta,
+                deadline=self.deadline,
+            )
+        except ProviderTimeout as exc:
+            if self._timed_out():
+                return self._done(
+                    "timeout", f"after {self.config.timeout_s} s", state.last_response
+                )
+            return self._fail(exc)
+        except ProviderError as exc:
+            return self._fail(exc)
+        calls = self._unique_ids(response.tool_calls)
+        content = _with_calls(response.content, calls)
+        self.journal.append(
+            [
+                LlmResponse(
+                    iteration=state.iteration,
+                    content=content,
+                    usage=response.usage,
+                    stop_reason=response.stop_reason,
+                    model=response.model,
+                    latency_ms=response.latency_ms,
+                )
+            ]
+        )
+        return self._decide(msgspec.structs.replace(response, content=content), calls)
+
+    def _decide(self, response: ModelResponse, calls: list[ToolCallBlock]) -> LoopTurn:
+        stop = self._stop_wanted(response)
+        if stop is not None:
+            return self._done("stop_condition", stop or None, response.content)
+        if not calls:
+            return self._done("complete", None, response.content)
+        detected = self._detect_loop(calls)
+        if detected is not None and detected.action == "stop":
+            return self._done(
+                "loop_detected",
+                f"{detected.tool_name} x{detected.consecutive_count}",
+                response.content,
+            )
+        return self._run_round(calls)
+
+    # ---------------------------------------------------------------- tools
+
+    def _run_round(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
+        state = self.state
+        asks, decided = self._approvals(calls)
+        if decided:
+            self.journal.append(decided)
+        if asks:
+            self.journal.append([ApprovalRequested(calls=tuple(asks), reason=self.ask_reason)])
+            return Paused(calls=tuple(asks))
+        return self._execute(state.round_calls)
+
+    def _approvals(self, calls: Sequence[ToolCallBlock]) -> tuple[list[ToolCallBlock], list[Any]]:
+        """Ask the policy about every call not yet decided; 'ask' ones wait for a person."""
+        policy = self.config.approval
+        if policy is None:
+            return [], []
+        asks: list[ToolCallBlock] = []
+        decided: list[Any] = []
+        done = set(self.state.decisions) | set(self.state.results) | set(self.state.running)
+        for call in calls:
+            if call.id in done:
+                continue
+            verdict = policy(call)
+            if verdict.decision == "ask":
+                asks.append(call)
+                self.ask_reason = verdict.reason
+            elif verdict.decision != "approve" or verdict.reason:
+                decided.append(
+                    ToolCallDecided(
+                        call_id=call.id,
+                        tool_name=call.name,
+                        decision=verdict.decision,
+                        reason=verdict.reason,
+                        arguments=verdict.arguments,
+                    )
+                )
+        return asks, decided
+
+    def decide(
+        self, call_id: str, decision: str, reason: str | None, arguments: dict[str, Any] | None
+    ) -> None:
+        """A person's decision on an awaited call (recorded at once)."""
+        waiting = {c.id: c for c in self.state.awaiting}
+        if call_id not in waiting:
+            raise ToolLoopError(f"no call {call_id!r} is waiting for a decision")
+        if decision not in ("approve", "deny", "modify"):
+            raise ToolLoopError(f"unknown decision {decision!r}")
+        if decision == "modify" and arguments is None:
+            raise ToolLoopError("a modify decision needs arguments")
+        self.journal.append(
+            [
+                ToolCallDecided(
+                    call_id=call_id,
+                    tool_name=waiting[call_id].name,
+                    decision=decision,  # type: ignore[arg-type]
+                    reason=reason,
+                    arguments=arguments,
+                )
+            ]
+        )
+
+    def _after_decisions(self) -> LoopTurn:
+        self.journal.catch_up()  # decisions may come from another process
+        if self.state.awaiting:
+            return Paused(calls=tuple(self.state.awaiting))
+        return self._execute(self.state.round_calls)
+
+    def _execute(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
+        """Run the approved calls not yet run; results go back to the model in call order."""
+        state = self.state
+        decisions = state.decisions
+        todo: list[tuple[ToolCallBlock, dict[str, Any]]] = []
+        interrupted: list[Any] = []
+        for call in calls:
+            decision = decisions.get(call.id)
+            if call.id in state.results or (decision is not None and decision.decision == "deny"):
+                continue
+            arguments = (
+                decision.arguments
+                if decision is not None and decision.arguments
+                else call.arguments
+            )
+            if call.id in state.running:  # started before a crash, never ended
+                tool = self.tools.get(call.name)
+                if tool is None or not tool.idempotent:
+                    interrupted.append(
+                        ToolExecutionEnd(
+                            call_id=call.id,
+                            tool_name=call.name,
+                            content=INTERRUPTED.format(tool=call.name),
+                            is_error=True,
+                            attempts=0,
+                        )
+                    )
+                    continue
+            todo.append((call, arguments))
+        if interrupted:
+            self.journal.append(interrupted)
+        fresh = [
+            ToolExecutionStart(call_id=c.id, tool_name=c.name, arguments=a)
+            for c, a in todo
+            if c.id not in state.running
+        ]
+        if fresh:
+            self.journal.append(fresh)
+        if self.config.parallel_tool_execution and len(todo) > 1:
+            with concurrent.futures.ThreadPoolExecutor(len(todo), "moot-tool") as pool:
+                futures = [pool.submit(self._run_tool, c, a) for c, a in todo]
+                for f in futures:
+                    f.result()
+        else:
+            for call, arguments in todo:
+                self._run_tool(call, arguments)
+        return self._end_round(calls)
+
+    def _run_tool(self, call: ToolCallBlock, arguments: dict[str, Any]) -> None:
+        """Run one call and append its end as soon as it ends (any thread)."""
+        context = ToolContext(
+            stream=self.stream,
+            call_id=call.id,
+            depth=self.state.depth,
+            deadline=self.deadline,
+            runtime=self.runtime,
+        )
+        outcome = self.tools.execute(
+            call, context=context, deadline=self.deadline, arguments_override=arguments
+        )
+        content = outcome.content if outcome.is_error else self._process(call.name, outcome.content)
+        self.journal.append(
+            [
+                ToolExecutionEnd(
+                    call_id=call.id,
+                    tool_name=call.name,
+                    content=content,
+                    is_error=outcome.is_error,
+                    duration_ms=outcome.duration_ms,
+                    attempts=outcome.attempts,
+                )
+            ]
+        )
+
+    def _process(self, tool: str, content: str) -> str:
+        """The result pipeline: processor, then extractor, then cacher."""
+        c = self.config
+        if c.result_processor is not None:
+            content = c.result_processor(tool, content)
+        if c.result_extractor is not None and estimate_tokens(content) > c.extract_above_tokens:
+            query = next(
+                (text_of(m.content) for m in reversed(self.state.messages) if m.role == "user"), ""
+            )
+            content = c.result_extractor(tool, content, query) or content
+        if c.result_cacher is not None and estimate_tokens(content) > c.cache_above_tokens:
+            content = c.result_cacher(tool, content) or content
+        return content
+
+    def _end_round(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
+        state = self.state
+        tool_message = state.messages[-1] if state.messages else None
+        results: tuple[ToolResultBlock, ...] = ()
+        if tool_message is not None and tool_message.role == "tool":
+            results = tuple(b for b in tool_message.content if isinstance(b, ToolResultBlock))
+        self.calls_executed += len(results)
+        self.last_results = results
+        if self.pending_warning is not None:  # after the round's results, never before
+            warning, self.pending_warning = self.pending_warning, None
+            self.journal.append(
+                [
+                    MessagesInjected(
+                        messages=(ChatMessage.text("user", warning),), source="loop_detection"
+                    )
+                ]
+            )
+        return Yielded(
+            iteration=state.iteration, calls=tuple(calls), results=results, usage=state.usage
+        )
+
+    # ------------------------------------------------------------- checks
+
+    def _stop_wanted(self, response: ModelResponse) -> str | None:
+        """None to go on; a reason ("" for none given) to stop."""
+        if self.config.stop_when is None:
+            return None
+        context = StopContext(
+            iteration=self.state.iteration,
+            response=response,
+            usage=self.state.usage,
+            calls_executed=self.calls_executed,
+            last_results=self.last_results,
+        )
+        verdict = self.config.stop_when(context)
+        if verdict is None or verdict is False:
+            return None
+        return verdict if isinstance(verdict, str) else ""
+
+    def _detect_loop(self, calls: Sequence[ToolCallBlock]) -> LoopDetected | None:
+        """Record a LoopDetected when the same calls came too often in a row (the count
+        is folded from the responses, so a resumed loop remembers it)."""
+        config = self.config.loop_detection
+        count = self.state.repeat_count
+        if config is None or count < config.threshold:
+            return None
+        name = "+".join(sorted({c.name for c in calls}))
+        detected = LoopDetected(tool_name=name, consecutive_count=count, action=config.action)
+        self.journal.append([detected])
+        if config.action == "inject_warning":
+            self.pending_warning = LOOP_WARNING.format(tool=name, count=count)
+        return detected
+
+    def _masking(self, iteration: int) -> list[Any]:
+        keep = self.config.mask_keep_iterations
+        if keep is None:
+            return []
+        rounds = [m for m in self.state.messages if m.role == "tool"]
+        old = rounds[: max(0, len(rounds) - keep)]
+        count, saved = 0, 0
+        for message in old:
+            for block in message.content:
+                if (
+                    isinstance(block, ToolResultBlock)
+                    and not block.is_error
+                    and block.content != MASKED_RESULT
+                ):
+                    count += 1
+                    saved += max(0, estimate_tokens(block.content) - estimate_tokens(MASKED_RESULT))
+        return [ObservationsMasked(masked_count=count, tokens_saved=saved)] if count else []
+
+    def _timed_out(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    # ------------------------------------------------------------- endings
+
+    def _request(self) -> ModelRequest:
+        messages = self.state.messages
+        system = None
+        if messages and messages[0].role == "system":
+            system = text_of(messages[0].content)
+            messages = messages[1:]
+        return ModelRequest(
+            messages=tuple(messages),
+            system=system,
+            tools=self.tools.specs(),
+            temperature=self.config.temperature,
+            max_tokens=self.config.max_tokens,
+        )
+
+    def _unique_ids(self, calls: list[ToolCallBlock]) -> list[ToolCallBlock]:
+        """Tool-call ids unique within the stream (servers may repeat or omit them)."""
+        history = self.state.messages
+        seen = {b.id for m in history for b in m.content if isinstance(b, ToolCallBlock)}
+        out = []
+        for i, call in enumerate(calls):
+            fixed = call
+            if not call.id or call.id in seen:
+                fixed = msgspec.structs.replace(call, id=f"call_{self.state.iteration}_{i}")
+            seen.add(fixed.id)
+            out.append(fixed)
+        return out
+
+    def _timeout(self, response: tuple[ContentBlock, ...]) -> LoopTurn:
+        return self._done("timeout", f"after {self.config.timeout_s} s", response)
+
+    def _done(
+        self, reason: str, detail: str | None, response: tuple[ContentBlock, ...]
+    ) -> LoopTurn:
+        state = self.state
+        self.journal.append(
+            [
+                Done(
+                    termination=Termination(reason=reason, detail=detail),  # type: ignore[arg-type]
+                    iterations=state.iteration,
+                    usage=state.usage,
+                    response=response,
+                )
+            ]
+        )
+        return self._terminal()
+
+    def _fail(self, exc: BaseException) -> LoopTurn:
+        state = self.state
+        self.journal.append(
+            [LoopFailed(error=error_record(exc), iterations=state.iteration, usage=state.usage)]
+        )
+        return self._terminal()
+
+    def _terminal(self) -> LoopTurn:
+        state = self.state
+        if state.error is not None:
+            return Failed(error=state.error, iterations=state.iteration, usage=state.usage)
+        assert state.termination is not None
+        return Completed(
+            result=LoopResult(
+                stream=self.stream,
+                termination=state.termination,
+                iterations=state.iteration,
+                usage=state.usage,
+                response=state.response,
+                model=self.provider.model,
+            )
+        )
+
+
+def _with_calls(
+    content: tuple[ContentBlock, ...], calls: list[ToolCallBlock]
+) -> tuple[ContentBlock, ...]:
+    """``content`` with its tool calls replaced, in order, by ``calls`` (unique ids)."""
+    it = iter(calls)
+    return tuple(next(it) if isinstance(b, ToolCallBlock) else b for b in content)
+
+
+# --------------------------------------------------------------------- actor
+
+
+class _LoopActor(pykka.ThreadingActor):
+    use_daemon_thread = True
+
+    def __init__(self, engine: _Engine) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def on_receive(self, message: Any) -> Any:
+        engine = self.engine
+        match message:
+            case "next":
+                return engine.next_turn()
+            case _Command():
+                engine.command = message
+            case ("decide", str(call_id), str(decision), reason, arguments):
+                engine.decide(call_id, decision, reason, arguments)
+            case "catch_up":
+                engine.journal.catch_up()
+            case "state":
+                snapshot: LoopState = msgspec.convert(msgspec.to_builtins(engine.state), LoopState)
+                return snapshot
+            case _:
+                raise ToolLoopError(f"tool loop got an unknown message {message!r}")
+        return None
+
+
+class ToolLoopHandle:
+    """Drives a loop actor from any thread. Every wait has a timeout."""
+
+    def __init__(self, log: LogBase, stream: str, ref: pykka.ActorRef[Any]) -> None:
+        self.log = log
+        self.stream = stream
+        self._ref = ref
+
+    def __repr__(self) -> str:
+        return f"<ToolLoopHandle {self.stream}>"
+
+    def next_turn(self, *, timeout: float | None = None) -> LoopTurn:
+        """Run one iteration (or finish a paused one) and say what happened."""
+        return cast("LoopTurn", self._ref.ask("next", timeout=timeout))
+
+    def continue_(self) -> None:
+        """Go on normally at the next turn (the default)."""
+        self._ref.tell(_Command("continue"))
+
+    def inject(self, messages: Sequence[ChatMessage]) -> None:
+        """Add ``messages`` to the history before the next model call."""
+        self._ref.tell(_Command("inject", tuple(messages)))
+
+    def stop(self, reason: str | None = None) -> None:
+        """End the loop at the next turn, without another model call."""
+        self._ref.tell(_Command("stop", reason=reason))
+
+    def decide(
+        self,
+        call_id: str,
+        decision: Literal["approve", "deny", "modify"],
+        *,
+        reason: str | None = None,
+        arguments: dict[str, Any] | None = None,
+        timeout: float | None = 30,
+    ) -> None:
+        """Record a person's decision on a call the loop is waiting for."""
+        self._ref.ask(("decide", call_id, decision, reason, arguments), timeout=timeout)
+
+    def run(self, *, timeout: float | None = None, poll: float = 0.05) -> LoopResult:
+        """Drive the loop to its end; while paused, wait for decisions (from anywhere).
+
+        Raises:
+            ToolLoopError: the loop failed (its LoopFailed is in the log).
+            TimeoutError: it did not end within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            turn = self.next_turn(timeout=remaining)
+            match turn:
+                case Completed():
+                    return turn.result
+                case Failed():
+                    raise ToolLoopError(f"loop {self.stream} failed: {turn.error.message}")
+                case Paused():
+                    self._wait_for_decision(deadline, poll)
+
+    def _wait_for_decision(self, deadline: float | None, poll: float) -> None:
+        """Block until another event lands on this stream (a decision), or the deadline."""
+        last = self.log.stream_info(self.stream).last_seq
+        with self.log.subscribe(
+            self.log.stream_info(self.stream).last_position, stream=self.stream, poll_interval=poll
+        ) as sub:
+            while self.log.stream_info(self.stream).last_seq == last:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"loop {self.stream} is still waiting for approval")
+                sub.next(timeout=poll if remaining is None else min(poll, remaining))
+
+    def state(self, *, timeout: float | None = 30) -> LoopState:
+        return cast("LoopState", self._ref.ask("state", timeout=timeout))
+
+    def close(self) -> None:
+        """Stop the actor (the stream stays as it is: resumable if not finished)."""
+        self._ref.stop(timeout=30)
+
+    def __enter__(self) -> ToolLoopHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ToolLoop:
+    """Starting and resuming tool loops."""
+
+    @staticmethod
+    def start(
+        log: LogBase,
+        provider: Provider,
+        tools: ToolRegistry | None = None,
+        *,
+        prompt: str | None = None,
+        messages: Sequence[ChatMessage] = (),
+        system: str | None = None,
+        config: ToolLoopConfig | None = None,
+        stream: str | None = None,
+        parent: LoopParent | None = None,
+        depth: int = 0,
+        on_delta: Callable[[Delta], None] | None = None,
+    ) -> ToolLoopHandle:
+        """Record LoopStarted and start the loop's actor (nothing runs until asked)."""
+        from ._dialogue import new_stream_id
+
+        tools = tools or ToolRegistry()
+        config = config or ToolLoopConfig()
+        history = list(messages)
+        if system:
+            history.insert(0, ChatMessage.text("system", system))
+        if prompt:
+            history.append(ChatMessage.text("user", prompt))
+        if not history:
+            raise ToolLoopError("a loop needs a prompt or messages")
+        stream = stream or new_stream_id("loop")
+        started = LoopStarted(
+            parent=parent,
+            depth=depth,
+            config=config.record(),
+            tools=tools.specs(),
+            messages=tuple(history),
+            model=provider.model,
+        )
+        log.append(stream, [started], expected_seq=0)
+        return ToolLoop._spawn(log, stream, provider, tools, config, on_delta)
+
+    @staticmethod
+    def resume(
+        log: LogBase,
+        stream: str,
+        provider: Provider,
+        tools: ToolRegistry | None = None,
+        config: ToolLoopConfig | None = None,
+        *,
+        on_delta: Callable[[Delta], None] | None = None,
+    ) -> ToolLoopHandle:
+        """Pick up a loop from its log (after a crash or a restart while paused).
+
+        A model call that was in flight is made again; a tool that was running is run
+        again only if it is idempotent, otherwise the model gets an error result saying
+        it was interrupted. A scripted provider skips the replies already on record.
+        """
+        state = log.replay(stream)
+        if not isinstance(state, LoopState):
+            raise ToolLoopError(f"stream {stream!r} is not a tool loop")
+        skip = getattr(provider, "skip", None)
+        if callable(skip):
+            skip(sum(1 for r in log.read(stream) if isinstance(r.event, LlmResponse)))
+        return ToolLoop._spawn(
+            log, stream, provider, tools or ToolRegistry(), config or ToolLoopConfig(), on_delta
+        )
+
+    @staticmethod
+    def _spawn(
+        log: LogBase,
+        stream: str,
+        provider: Provider,
+        tools: ToolRegistry,
+        config: ToolLoopConfig,
+        on_delta: Callable[[Delta], None] | None,
+    ) -> ToolLoopHandle:
+        state = log.replay(stream)
+        assert isinstance(state, LoopState)
+        journal = Journal(log, stream, state)
+        runtime = NestedLoops(log, stream, config)
+        engine = _Engine(journal, provider, tools, config, on_delta=on_delta, runtime=runtime)
+        return ToolLoopHandle(log, stream, _LoopActor.start(engine))
+
+
+@dataclass
+class NestedLoops:
+    """Given to tools (``ToolContext.runtime``) so they can run a loop of their own."""
+
+    log: LogBase
+    stream: str
+    config: ToolLoopConfig
+
+    def run(
+        self,
+        context: ToolContext,
+        provider: Provider,
+        tools: ToolRegistry | None = None,
+        *,
+        prompt: str,
+        config: ToolLoopConfig | None = None,
+        timeout: float | None = None,
+    ) -> LoopResult:
+        """Run a child loop to its end, linked to this call; depth is one more than ours.
+
+        Raises:
+            ToolLoopError: the child failed (e.g. the depth limit).
+        """
+        starts = [
+            r.seq
+            for r in self.log.read(self.stream)
+            if isinstance(r.event, ToolExecutionStart) and r.event.call_id == context.call_id
+        ]
+        child = ToolLoop.start(
+            self.log,
+            provider,
+            tools,
+            prompt=prompt,
+            config=config or self.config,
+            parent=LoopParent(stream=self.stream, seq=starts[-1] if starts else 0),
+            depth=context.depth + 1,
+        )
+        try:
+            return child.run(timeout=timeout)
+        finally:
+            child.close()

@@ -1,0 +1,579 @@
+"""Tool loops: every behaviour of the seed's suite restated for moot, and the fixed defects."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from moot.actors._loop import (
+    Completed,
+    Failed,
+    LoopResult,
+    Paused,
+    StopContext,
+    ToolLoop,
+    ToolLoopConfig,
+    ToolLoopHandle,
+    Yielded,
+    ask_person,
+    deny,
+    modify,
+)
+from moot.actors._scripted import ScriptedCall, ScriptedProvider, ScriptedReply
+from moot.actors._tools import ToolContext, ToolRegistry, ToolRetry, tool
+from moot.events import (
+    MASKED_RESULT,
+    ChatMessage,
+    Done,
+    IterationStart,
+    LlmResponse,
+    LoopDetected,
+    LoopDetectionInfo,
+    LoopFailed,
+    LoopState,
+    MessagesInjected,
+    ObservationsMasked,
+    TextBlock,
+    ToolCallBlock,
+    ToolCallDecided,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolResultBlock,
+    Usage,
+)
+from moot.store import EventLog, LogBase
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+T = 30  # seconds: the bound on every wait
+
+
+@tool
+def add(a: float, b: float) -> float:
+    """Add two numbers."""
+    return a + b
+
+
+@tool
+def fail() -> str:
+    """Always fails."""
+    raise RuntimeError("intentional failure")
+
+
+@tool
+def search(query: str) -> str:
+    """Search."""
+    return f"result for {query}"
+
+
+def calls(*specs: tuple[str, dict[str, Any]]) -> ScriptedReply:
+    return ScriptedReply(tool_calls=tuple(ScriptedCall(n, a) for n, a in specs))
+
+
+def text(t: str, delay_ms: float = 0) -> ScriptedReply:
+    return ScriptedReply(text=t, delay_ms=delay_ms)
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[LogBase]:
+    opened = EventLog(tmp_path / "moot.db")
+    yield opened
+    opened.close()
+
+
+class Run:
+    """A loop, its provider, and what it recorded."""
+
+    def __init__(
+        self,
+        log: LogBase,
+        replies: list[ScriptedReply],
+        tools: list[Any] | None = None,
+        **config: Any,
+    ) -> None:
+        self.log = log
+        self.provider = ScriptedProvider(replies)
+        self.handle: ToolLoopHandle = ToolLoop.start(
+            log,
+            self.provider,
+            ToolRegistry(tools if tools is not None else [add, fail, search]),
+            prompt="go",
+            config=ToolLoopConfig(**config),
+        )
+
+    def turn(self) -> Any:
+        return self.handle.next_turn(timeout=T)
+
+    def result(self) -> LoopResult:
+        return self.handle.run(timeout=T)
+
+    def events(self, kind: type | None = None) -> list[Any]:
+        found = [r.event for r in self.log.read(self.handle.stream)]
+        return found if kind is None else [e for e in found if isinstance(e, kind)]
+
+    def state(self) -> LoopState:
+        return self.handle.state()
+
+    def replay(self) -> LoopState:
+        state = self.log.replay(self.handle.stream)
+        assert isinstance(state, LoopState)
+        return state
+
+
+ADD = ("add", {"a": 2, "b": 3})
+
+
+# ------------------------------------------------------------------ the basics
+
+
+def test_text_only_completes_in_one_iteration(log: LogBase) -> None:
+    run = Run(log, [text("Hello!")])
+    turn = run.turn()
+    assert isinstance(turn, Completed)
+    assert (turn.result.iterations, turn.result.text) == (1, "Hello!")
+    assert turn.result.termination.reason == "complete"
+    assert run.provider.calls == 1
+
+
+def test_a_tool_round_counts_an_iteration_and_usage_sums(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("The answer is 5")])
+    first = run.turn()
+    assert isinstance(first, Yielded) and first.iteration == 1
+    assert [r.content for r in first.results] == ["5.0"]
+    done = run.turn()
+    assert isinstance(done, Completed)
+    assert (done.result.iterations, done.result.text) == (2, "The answer is 5")
+    per_call = [e.usage for e in run.events(LlmResponse)]
+    assert done.result.usage == per_call[0] + per_call[1]
+    assert done.result.usage.input_tokens > per_call[0].input_tokens
+
+
+def test_several_rounds(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), calls(("add", {"a": 1, "b": 1})), text("Done")])
+    result = run.result()
+    assert (result.iterations, result.text) == (3, "Done")
+
+
+def test_max_iterations_keeps_the_last_real_response(log: LogBase) -> None:
+    replies = [calls(("add", {"a": i, "b": 1})) for i in range(5)]
+    run = Run(log, replies, max_iterations=3)
+    result = run.result()
+    assert result.termination.reason == "max_iterations" and result.iterations == 3
+    last = run.events(LlmResponse)[-1]
+    assert result.response == last.content  # not an empty response
+    assert run.provider.calls == 3  # no fourth model call
+    assert len(run.events(ToolExecutionEnd)) == 3  # the third round's tools did run
+    assert not any(e.iteration == 4 for e in run.events(IterationStart))
+
+
+def test_deny_sends_an_error_result_and_the_loop_goes_on(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("ok")], approval=lambda call: deny("not today"))
+    result = run.result()
+    assert result.text == "ok"
+    assert run.events(ToolExecutionStart) == []  # a denied call never runs
+    sent = run.provider.requests[1].messages
+    result_block = sent[-1].content[0]
+    assert isinstance(result_block, ToolResultBlock)
+    assert (result_block.content, result_block.is_error) == ("Tool call denied: not today", True)
+    decided = run.events(ToolCallDecided)[0]
+    assert (decided.decision, decided.reason) == ("deny", "not today")
+
+
+def test_modify_runs_with_new_arguments_revalidated(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("ok")], approval=lambda call: modify({"a": 100, "b": 200}))
+    run.result()
+    assert run.events(ToolExecutionStart)[0].arguments == {"a": 100, "b": 200}
+    assert run.events(ToolExecutionEnd)[0].content == "300.0"
+    bad = Run(log, [calls(ADD), text("ok")], approval=lambda call: modify({"a": "x"}))
+    bad.result()
+    end = bad.events(ToolExecutionEnd)[0]
+    assert end.is_error and end.content.startswith("Invalid arguments for tool 'add'")
+
+
+def test_all_calls_of_a_response_are_answered_before_the_next_call(log: LogBase) -> None:
+    run = Run(log, [calls(ADD, ("search", {"query": "x"})), text("both")])
+    run.result()
+    second = run.provider.requests[1].messages[-1]
+    assert second.role == "tool"
+    assert [b.content for b in second.content] == ["5.0", "result for x"]  # type: ignore[union-attr]
+
+
+def test_unknown_tool_and_invalid_arguments_become_error_results(log: LogBase) -> None:
+    run = Run(log, [calls(("nope", {}), ("add", {"a": "two"})), text("recovered")])
+    result = run.result()
+    assert result.text == "recovered"
+    ends = {e.tool_name: e for e in run.events(ToolExecutionEnd)}
+    assert ends["nope"].is_error and ends["nope"].content == "Unknown tool: nope"
+    assert ends["add"].is_error and "Invalid arguments for tool 'add'" in ends["add"].content
+    assert (ends["nope"].attempts, ends["add"].attempts) == (0, 0)
+
+
+def test_a_failing_tool_is_an_error_result(log: LogBase) -> None:
+    run = Run(log, [calls(("fail", {})), text("ok")])
+    run.result()
+    end = run.events(ToolExecutionEnd)[0]
+    assert end.is_error and end.content == "RuntimeError: intentional failure"
+
+
+# ------------------------------------------------------------- stop conditions
+
+
+def test_stop_conditions_see_the_right_context(log: LogBase) -> None:
+    seen: list[tuple[int, int, list[str]]] = []
+
+    def stop_after_one_call(ctx: StopContext) -> bool:
+        seen.append((ctx.iteration, ctx.calls_executed, [r.content for r in ctx.last_results]))
+        return ctx.calls_executed >= 1
+
+    run = Run(log, [calls(ADD), calls(ADD), text("never")], stop_when=stop_after_one_call)
+    result = run.result()
+    assert result.termination.reason == "stop_condition" and result.iterations == 2
+    assert seen == [(1, 0, []), (2, 1, ["5.0"])]
+
+
+def test_a_stop_condition_may_stop_before_the_tools_run(log: LogBase) -> None:
+    run = Run(log, [calls(ADD)], stop_when=lambda ctx: "budget exceeded")
+    result = run.result()
+    assert result.termination.reason == "stop_condition"
+    assert result.termination.detail == "budget exceeded"
+    assert result.iterations == 1
+    assert any(isinstance(b, ToolCallBlock) for b in result.response)
+    assert run.events(ToolExecutionStart) == []
+
+
+def test_a_stop_condition_beats_completion(log: LogBase) -> None:
+    run = Run(log, [text("plain")], stop_when=lambda ctx: "manual stop")
+    result = run.result()
+    termination = result.termination
+    termination = result.termination
+    assert (termination.reason, termination.detail) == ("stop_condition", "manual stop")
+
+
+# -------------------------------------------------------------- loop detection
+
+
+def repeated(n: int, args: dict[str, Any] | None = None) -> list[ScriptedReply]:
+    return [calls(("search", args or {"query": "same"})) for _ in range(n)]
+
+
+def test_loop_detection_warns_on_the_third_identical_call_set(log: LogBase) -> None:
+    run = Run(
+        log,
+        [*repeated(3), text("ok")],
+        loop_detection=LoopDetectionInfo(threshold=3, action="warn"),
+    )
+    result = run.result()
+    assert result.termination.reason == "complete"
+    detected = run.events(LoopDetected)
+    assert [(d.tool_name, d.consecutive_count, d.action) for d in detected] == [
+        ("search", 3, "warn")
+    ]
+
+
+def test_different_arguments_are_not_a_loop(log: LogBase) -> None:
+    replies = [calls(("search", {"query": q})) for q in ("foo", "bar", "baz")] + [text("ok")]
+    run = Run(log, replies, loop_detection=LoopDetectionInfo(threshold=3, action="stop"))
+    assert run.result().iterations == 4
+    assert run.events(LoopDetected) == []
+
+
+def test_loop_detection_stop_ends_the_loop_without_running_the_third(log: LogBase) -> None:
+    run = Run(log, repeated(5), loop_detection=LoopDetectionInfo(threshold=3, action="stop"))
+    result = run.result()
+    assert result.termination.reason == "loop_detected" and result.iterations == 3
+    assert len(run.events(ToolExecutionEnd)) == 2
+
+
+def test_injected_warnings_come_after_the_rounds_results(log: LogBase) -> None:
+    run = Run(
+        log,
+        [*repeated(3), text("ok")],
+        loop_detection=LoopDetectionInfo(threshold=3, action="inject_warning"),
+    )
+    result = run.result()
+    assert result.iterations == 4
+    fourth = run.provider.requests[3].messages
+    assert [m.role for m in fourth[-3:]] == ["assistant", "tool", "user"]
+    assert "identical arguments 3 times" in fourth[-1].content[0].text  # type: ignore[union-attr]
+    injected = run.events(MessagesInjected)
+    assert [m.source for m in injected] == ["loop_detection"]
+
+
+# ------------------------------------------------------------------ timeouts
+
+
+def test_a_zero_timeout_stops_before_the_first_model_call(log: LogBase) -> None:
+    run = Run(log, [text("never")], timeout_s=0)
+    result = run.result()
+    assert result.termination.reason == "timeout" and result.iterations == 0
+    assert run.provider.calls == 0
+
+
+def test_the_timeout_cuts_a_slow_model_call(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("too late", delay_ms=30_000)], timeout_s=0.3)
+    result = run.result()
+    assert result.termination.reason == "timeout"
+    assert result.iterations == 2
+    assert run.events(Done)[0].response == run.events(LlmResponse)[0].content
+
+
+def test_the_timeout_cuts_a_hanging_tool(log: LogBase) -> None:
+    release = threading.Event()
+
+    @tool
+    def hang() -> str:
+        """Hangs."""
+        release.wait(T)
+        return "finally"
+
+    run = Run(log, [calls(("hang", {})), text("never")], tools=[hang], timeout_s=0.3)
+    try:
+        result = run.result()
+    finally:
+        release.set()
+    assert result.termination.reason == "timeout"
+    end = run.events(ToolExecutionEnd)[0]
+    assert end.is_error and "timed out" in end.content
+
+
+# -------------------------------------------------------------------- retries
+
+
+def test_flaky_tools_succeed_within_their_retries(log: LogBase) -> None:
+    failures = {"left": 2}
+
+    @tool(retry=ToolRetry(max_retries=3, initial_delay=0.001, jitter=0))
+    def flaky() -> str:
+        """Fails twice."""
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("transient failure")
+        return "success after retries"
+
+    seen: list[str] = []
+
+    def picky(exc: BaseException) -> bool:
+        seen.append(str(exc))
+        return "TRANSIENT" in str(exc)
+
+    @tool(retry=ToolRetry(max_retries=3, initial_delay=0.001, jitter=0, retry_if=picky))
+    def selective() -> str:
+        """Fails for good."""
+        raise ValueError("permanent failure")
+
+    run = Run(log, [calls(("flaky", {}), ("selective", {})), text("ok")], tools=[flaky, selective])
+    run.result()
+    ends = {e.tool_name: e for e in run.events(ToolExecutionEnd)}
+    assert (ends["flaky"].content, ends["flaky"].attempts) == ("success after retries", 3)
+    assert (ends["selective"].is_error, ends["selective"].attempts) == (True, 1)
+    assert seen == ["permanent failure"]
+
+
+# ------------------------------------------------------------------ the handle
+
+
+def test_continue_inject_and_stop_through_the_handle(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), calls(ADD), text("Final")])
+    assert isinstance(run.turn(), Yielded)
+    run.handle.continue_()
+    assert isinstance(run.turn(), Yielded)
+    run.handle.inject([ChatMessage.text("user", "Worker completed task X")])
+    done = run.turn()
+    assert isinstance(done, Completed) and done.result.iterations == 3
+    third = run.provider.requests[2].messages
+    assert third[-1] == ChatMessage.text("user", "Worker completed task X")
+
+    stopped = Run(log, [calls(ADD), text("never")])
+    assert isinstance(stopped.turn(), Yielded)
+    stopped.handle.stop("task_spawn detected")
+    end = stopped.turn()
+    assert isinstance(end, Completed)
+    assert (end.result.termination.reason, end.result.termination.detail) == (
+        "stop_condition",
+        "task_spawn detected",
+    )
+    assert stopped.provider.calls == 1
+    assert isinstance(stopped.turn(), Completed)  # asking again repeats the end
+
+
+def test_the_depth_limit_errors_on_the_first_turn(log: LogBase) -> None:
+    provider = ScriptedProvider([text("never")])
+    handle = ToolLoop.start(log, provider, prompt="go", depth=1, config=ToolLoopConfig(max_depth=1))
+    turn = handle.next_turn(timeout=T)
+    assert isinstance(turn, Failed) and "max nesting depth" in turn.error.message
+    assert provider.calls == 0
+    assert handle.next_turn(timeout=T) == turn
+
+
+def test_nested_loops_are_linked_and_limited(log: LogBase) -> None:
+    inner = ScriptedProvider([text("inner answer")])
+    too_deep = ScriptedProvider([text("never")])
+
+    @tool
+    def delegate(context: ToolContext) -> str:
+        """Ask a sub-agent."""
+        return str(context.runtime.run(context, inner, prompt="sub task", timeout=T).text)
+
+    @tool
+    def delegate_deep(context: ToolContext) -> str:
+        """Ask a sub-agent that may not nest."""
+        config = ToolLoopConfig(max_depth=1)
+        return str(context.runtime.run(context, too_deep, prompt="x", config=config, timeout=T))
+
+    run = Run(
+        log,
+        [calls(("delegate", {}), ("delegate_deep", {})), text("outer done")],
+        tools=[delegate, delegate_deep],
+    )
+    assert run.result().text == "outer done"
+    children = {
+        s.stream: log.replay(s.stream) for s in log.streams() if s.parent == run.handle.stream
+    }
+    assert len(children) == 2
+    for child in children.values():
+        assert isinstance(child, LoopState) and child.depth == 1
+        assert child.parent is not None and child.parent.stream == run.handle.stream
+        start = next(r for r in log.read(run.handle.stream) if r.seq == child.parent.seq)
+        assert isinstance(start.event, ToolExecutionStart)
+    ends = {e.tool_name: e for e in run.events(ToolExecutionEnd)}
+    assert ends["delegate"].content == "inner answer"
+    assert ends["delegate_deep"].is_error and "max nesting depth" in ends["delegate_deep"].content
+    assert too_deep.calls == 0
+
+
+def test_masking_keeps_exactly_the_configured_recent_iterations(log: LogBase) -> None:
+    replies = [calls(("search", {"query": f"q{i}"})) for i in range(4)] + [text("done")]
+    run = Run(log, replies, mask_keep_iterations=2)
+    run.result()
+    fifth = run.provider.requests[4].messages
+    results = [m.content[0].content for m in fifth if m.role == "tool"]  # type: ignore[union-attr]
+    assert results == [MASKED_RESULT, MASKED_RESULT, "result for q2", "result for q3"]
+    masked = run.events(ObservationsMasked)
+    assert sum(m.masked_count for m in masked) == 2 and all(m.tokens_saved >= 0 for m in masked)
+
+
+def test_results_go_through_processor_extractor_and_cacher(log: LogBase) -> None:
+    run = Run(
+        log,
+        [calls(("search", {"query": "big"})), text("ok")],
+        result_processor=lambda tool, content: content.upper(),
+        result_extractor=lambda tool, content, query: f"[extract of {tool} for {query}]",
+        extract_above_tokens=1,
+        result_cacher=lambda tool, content: f"[cached {len(content)} chars]",
+        cache_above_tokens=5,
+    )
+    run.result()
+    assert run.events(ToolExecutionEnd)[0].content == "[cached 26 chars]"  # of the extract
+
+
+# ------------------------------------------------------------- fixed defects
+
+
+def test_the_final_answer_is_in_the_history(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("Final answer")])
+    run.result()
+    assert run.state().messages[-1] == ChatMessage(
+        role="assistant", content=(TextBlock(text="Final answer"),)
+    )
+
+
+def test_an_error_is_terminal_and_repeats(log: LogBase) -> None:
+    run = Run(log, [ScriptedReply(error="model overloaded"), text("never")])
+    first = run.turn()
+    assert isinstance(first, Failed) and first.error.message == "model overloaded"
+    assert run.turn() == first and run.turn() == first
+    assert len(run.events(LoopFailed)) == 1 and run.provider.calls == 1
+    assert log.stream_info(run.handle.stream).status == "failed"
+
+
+def test_parallel_results_are_fed_back_in_call_order(log: LogBase) -> None:
+    order: list[str] = []
+    first_may_finish = threading.Event()
+
+    @tool
+    def first() -> str:
+        """Finishes last."""
+        assert first_may_finish.wait(T)
+        order.append("first")
+        return "1"
+
+    @tool
+    def second() -> str:
+        """Finishes first."""
+        order.append("second")
+        first_may_finish.set()
+        return "2"
+
+    run = Run(log, [calls(("first", {}), ("second", {})), text("ok")], tools=[first, second])
+    run.result()
+    assert order == ["second", "first"]
+    ends = [e.tool_name for e in run.events(ToolExecutionEnd)]
+    assert ends == ["second", "first"]  # appended live, as they ended
+    fed = run.provider.requests[1].messages[-1]
+    assert [b.content for b in fed.content] == ["1", "2"]  # type: ignore[union-attr]
+
+
+def test_tools_reach_the_model_sorted_by_name(log: LogBase) -> None:
+    run = Run(log, [text("hi")], tools=[search, add, fail])
+    run.result()
+    assert [t.name for t in run.provider.requests[0].tools] == ["add", "fail", "search"]
+
+
+def test_reasoning_is_kept(log: LogBase) -> None:
+    run = Run(log, [ScriptedReply(text="42", reasoning="six times seven")])
+    result = run.result()
+    assert [type(b).__name__ for b in result.response] == ["ReasoningBlock", "TextBlock"]
+
+
+def test_events_are_causal_and_live_state_equals_replay(log: LogBase) -> None:
+    run = Run(log, [calls(ADD, ("search", {"query": "x"})), calls(ADD), text("ok")])
+    while True:
+        turn = run.turn()
+        assert run.state() == run.replay()
+        if not isinstance(turn, Yielded):
+            break
+    kinds = [type(e).__name__ for e in run.events()]
+    assert kinds[:3] == ["LoopStarted", "IterationStart", "LlmResponse"]
+    assert kinds[-1] == "Done"
+    for i, kind in enumerate(kinds):
+        if kind == "ToolExecutionEnd":
+            call_id = run.events()[i].call_id
+            starts = [
+                j
+                for j, e in enumerate(run.events())
+                if isinstance(e, ToolExecutionStart) and e.call_id == call_id
+            ]
+            assert starts and starts[0] < i
+        if kind == "LlmResponse":
+            assert kinds[i - 1] in ("IterationStart", "ObservationsMasked")
+
+
+def test_approval_pauses_until_a_person_decides(log: LogBase) -> None:
+    run = Run(
+        log,
+        [calls(ADD, ("search", {"query": "x"})), text("ok")],
+        approval=lambda call: ask_person("check") if call.name == "add" else deny("no"),
+    )
+    paused = run.turn()
+    assert isinstance(paused, Paused) and [c.name for c in paused.calls] == ["add"]
+    assert log.stream_info(run.handle.stream).status == "awaiting"
+    assert isinstance(run.turn(), Paused)  # still waiting
+    run.handle.decide(paused.calls[0].id, "approve")
+    assert isinstance(run.turn(), Yielded)
+    assert run.result().text == "ok"
+    assert run.events(ToolExecutionEnd)[0].content == "5.0"
+
+
+def test_costs_from_a_pricing_table(log: LogBase) -> None:
+    from moot.actors._loop import Pricing
+
+    run = Run(log, [text("hi")])
+    result = run.result()
+    pricing = Pricing({"scripted": (1.0, 2.0)})
+    usage = result.usage
+    assert result.cost(pricing) == (usage.input_tokens + 2 * usage.output_tokens) / 1e6
+    assert Pricing().cost("x", Usage(input_tokens=5)) == 0
