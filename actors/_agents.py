@@ -51,6 +51,8 @@ class Payload(msgspec.Struct, frozen=True, kw_only=True):
     #: The seq of each message (its id in the dialogue stream), in the same order.
     seqs: tuple[int, ...]
     context: str | None = None
+    #: The seq of the PayloadDelivered that recorded this payload.
+    delivered_seq: int | None = None
 
     @property
     def text(self) -> str:
@@ -198,11 +200,15 @@ class LlmAgent:
             max_tokens=self.max_tokens,
         )
 
+    def remember(self, said: str, answered: str) -> None:
+        """Add one exchange to the history sent with later requests."""
+        self._history.append((said, answered))
+
     def respond(self, payload: Payload) -> AgentReply:
         response = call_model(
             self.provider, self.request(payload), stream=self.stream, on_delta=self.on_delta
         )
-        self._history.append((payload.text, response.text))
+        self.remember(payload.text, response.text)
         return AgentReply(
             content=response.text,
             usage=response.usage,

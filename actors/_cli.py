@@ -198,13 +198,47 @@ def _print_reply(reply: Any) -> None:
     sys.stdout.flush()
 
 
+def _print_loop_turn(stream: str) -> Any:
+    from ._loop import Completed, Failed, Paused, Yielded
+
+    def show(turn: Any) -> None:
+        match turn:
+            case Yielded():
+                results = {r.tool_call_id: r for r in turn.results}
+                for call in turn.calls:
+                    args = msgspec.json.encode(call.arguments).decode()
+                    got = results.get(call.id)
+                    outcome = "?" if got is None else " ".join(got.content.split())
+                    verb = "failed:" if got is not None and got.is_error else "->"
+                    click.echo(f"iteration {turn.iteration}  {call.name}({args}) {verb} {outcome}")
+            case Paused():
+                for call in turn.calls:
+                    args = msgspec.json.encode(call.arguments).decode()
+                    click.echo(f"awaiting approval: {call.id}  {call.name}({args})")
+                click.echo(f"  decide with: moot approve {stream} CALL_ID  (or moot deny ...)")
+            case Completed():
+                final = turn.result
+                click.echo(f"answer: {' '.join(final.text.split())}")
+                detail = f": {final.termination.detail}" if final.termination.detail else ""
+                click.echo(
+                    f"done ({final.termination.reason}{detail}) after "
+                    f"{final.iterations} iteration(s)"
+                )
+            case Failed():
+                click.echo(f"failed: {turn.error.message}")
+        sys.stdout.flush()
+
+    return show
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--id", "stream_id", metavar="ID", help="The new stream's id (default: generated).")
 @click.pass_context
 def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
-    """Run the scenario in FILE, printing each reply as its turn allows."""
-    from ._scenario import load_scenario, run_dialogue
+    """Run the scenario in FILE, printing each reply (or loop iteration) as it comes."""
+    from ._loop import Failed
+    from ._scenario import LoopScenario, load_scenario, run_dialogue, run_loop
 
     scenario = load_scenario(file)  # a bad file fails here, before the log is touched
     log = open_log(ctx, readonly=False)
@@ -213,6 +247,24 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
         click.echo(f"stream {stream}")
         sys.stdout.flush()
 
+    if isinstance(scenario, LoopScenario):
+        shown: dict[str, Any] = {}
+
+        def on_start(stream: str) -> None:
+            started(stream)
+            shown["print"] = _print_loop_turn(stream)
+
+        outcome = run_loop(
+            scenario,
+            log,
+            stream=stream_id,
+            on_start=on_start,
+            on_turn=lambda turn: shown["print"](turn),  # noqa: PLW0108  set by on_start
+        )
+        if isinstance(outcome, Failed):
+            raise Problem(f"the loop failed: {outcome.error.message}")
+        click.echo(f"completed {outcome.stream}")
+        return
     stream = run_dialogue(scenario, log, stream=stream_id, on_start=started, on_reply=_print_reply)
     click.echo(f"completed {stream}")
 
@@ -222,15 +274,68 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.pass_context
 def resume(ctx: click.Context, stream: str, file: str) -> None:
-    """Continue the unfinished STREAM with the agents of FILE."""
-    from ._scenario import load_scenario, resume_dialogue
+    """Continue the unfinished STREAM with the agents (or model and tools) of FILE."""
+    from ._loop import Failed
+    from ._scenario import LoopScenario, load_scenario, resume_dialogue, resume_loop
 
     scenario = load_scenario(file)
     log = open_log(ctx, readonly=False)
     log.stream_info(stream)
     click.echo(f"stream {stream}")
-    resume_dialogue(scenario, log, stream, on_reply=_print_reply)
+    if isinstance(scenario, LoopScenario):
+        outcome = resume_loop(scenario, log, stream, on_turn=_print_loop_turn(stream))
+        if isinstance(outcome, Failed):
+            raise Problem(f"the loop failed: {outcome.error.message}")
+    else:
+        resume_dialogue(scenario, log, stream, on_reply=_print_reply)
     click.echo(f"completed {stream}")
+
+
+def _decide(
+    ctx: click.Context, stream: str, call_id: str, decision: str, reason: str | None
+) -> None:
+    from moot.events import LoopState
+    from moot.store import ConcurrencyError
+
+    from ._errors import ToolLoopError
+    from ._loop import decision_event
+
+    log = open_log(ctx, readonly=False)
+    for _ in range(5):  # the loop may append at the same moment: read again and retry
+        state = log.replay(stream)
+        if not isinstance(state, LoopState):
+            raise click.UsageError(f"{stream} is a dialogue; decisions are for tool loops")
+        try:
+            event = decision_event(state, call_id, decision, reason)
+        except ToolLoopError as exc:
+            raise click.UsageError(str(exc)) from exc
+        try:
+            log.append(stream, [event], expected_seq=state.seq)
+        except ConcurrencyError:
+            continue
+        click.echo(f"{decision}d {call_id} in {stream}".replace("denyd", "denied"))
+        return
+    raise Problem(f"{stream} kept changing; the decision was not recorded")
+
+
+@cli.command()
+@click.argument("stream")
+@click.argument("call_id")
+@click.option("--reason", default=None, help="Why (recorded with the decision).")
+@click.pass_context
+def approve(ctx: click.Context, stream: str, call_id: str, reason: str | None) -> None:
+    """Approve CALL_ID, a tool call the loop STREAM is waiting on."""
+    _decide(ctx, stream, call_id, "approve", reason)
+
+
+@cli.command()
+@click.argument("stream")
+@click.argument("call_id")
+@click.option("--reason", default=None, help="Why (sent to the model with the refusal).")
+@click.pass_context
+def deny(ctx: click.Context, stream: str, call_id: str, reason: str | None) -> None:
+    """Deny CALL_ID: the loop STREAM sends the model an error result instead."""
+    _decide(ctx, stream, call_id, "deny", reason)
 
 
 # ---------------------------------------------------------------------- main

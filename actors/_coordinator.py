@@ -305,7 +305,10 @@ class Coordinator(pykka.ThreadingActor):
         """Stage the payloads of ``names``; they run once the payloads are committed."""
         for name in names:
             payload = self._payload(name, run.turn)
-            self._stage([PayloadDelivered(turn=run.turn, participant=name, messages=payload.seqs)])
+            seq = self._stage(
+                [PayloadDelivered(turn=run.turn, participant=name, messages=payload.seqs)]
+            )
+            payload = msgspec.structs.replace(payload, delivered_seq=seq)
             run.running.add(name)
             self._after_commit.append((self._actors[name], payload))
 
@@ -509,7 +512,10 @@ class Coordinator(pykka.ThreadingActor):
         for name in current.speakers:  # a reply was in flight: ask again, same payload
             if name in current.payloads and name not in done and name in self._actors:
                 run.running.add(name)
-                payload = self._payload(name, run.turn, current.payloads[name])
+                payload = msgspec.structs.replace(
+                    self._payload(name, run.turn, current.payloads[name]),
+                    delivered_seq=current.delivered_at.get(name),
+                )
                 self._after_commit.append((self._actors[name], payload))
         if run.mode == "sequential":
             run.waiting = [

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from moot.store import LogBase
 
 __all__ = [
+    "INTERRUPTED",
     "Approval",
     "Completed",
     "Failed",
@@ -74,6 +75,7 @@ __all__ = [
     "Yielded",
     "approve",
     "ask_person",
+    "decision_event",
     "deny",
     "modify",
 ]
@@ -433,24 +435,8 @@ class _Engine:
         self, call_id: str, decision: str, reason: str | None, arguments: dict[str, Any] | None
     ) -> None:
         """A person's decision on an awaited call (recorded at once)."""
-        waiting = {c.id: c for c in self.state.awaiting}
-        if call_id not in waiting:
-            raise ToolLoopError(f"no call {call_id!r} is waiting for a decision")
-        if decision not in ("approve", "deny", "modify"):
-            raise ToolLoopError(f"unknown decision {decision!r}")
-        if decision == "modify" and arguments is None:
-            raise ToolLoopError("a modify decision needs arguments")
-        self.journal.append(
-            [
-                ToolCallDecided(
-                    call_id=call_id,
-                    tool_name=waiting[call_id].name,
-                    decision=decision,  # type: ignore[arg-type]
-                    reason=reason,
-                    arguments=arguments,
-                )
-            ]
-        )
+        self.journal.catch_up()
+        self.journal.append([decision_event(self.state, call_id, decision, reason, arguments)])
 
     def _after_decisions(self) -> LoopTurn:
         self.journal.catch_up()  # decisions may come from another process
@@ -692,6 +678,35 @@ class _Engine:
         )
 
 
+def decision_event(
+    state: LoopState,
+    call_id: str,
+    decision: str,
+    reason: str | None = None,
+    arguments: dict[str, Any] | None = None,
+) -> ToolCallDecided:
+    """The event recording a person's decision on a call the loop waits for.
+
+    Raises:
+        ToolLoopError: no such call is waiting, or the decision is malformed.
+    """
+    waiting = {c.id: c for c in state.awaiting}
+    if call_id not in waiting:
+        known = ", ".join(waiting) or "none"
+        raise ToolLoopError(f"no call {call_id!r} is waiting for a decision (waiting: {known})")
+    if decision not in ("approve", "deny", "modify"):
+        raise ToolLoopError(f"unknown decision {decision!r}")
+    if decision == "modify" and arguments is None:
+        raise ToolLoopError("a modify decision needs arguments")
+    return ToolCallDecided(
+        call_id=call_id,
+        tool_name=waiting[call_id].name,
+        decision=decision,  # type: ignore[arg-type]
+        reason=reason,
+        arguments=arguments,
+    )
+
+
 def _with_calls(
     content: tuple[ContentBlock, ...], calls: list[ToolCallBlock]
 ) -> tuple[ContentBlock, ...]:
@@ -785,10 +800,13 @@ class ToolLoopHandle:
                 case Failed():
                     raise ToolLoopError(f"loop {self.stream} failed: {turn.error.message}")
                 case Paused():
-                    self._wait_for_decision(deadline, poll)
+                    self.wait_for_decision(deadline=deadline, poll=poll)
 
-    def _wait_for_decision(self, deadline: float | None, poll: float) -> None:
-        """Block until another event lands on this stream (a decision), or the deadline."""
+    def wait_for_decision(self, *, deadline: float | None = None, poll: float = 0.05) -> None:
+        """Block until another event lands on this stream (a decision), or the deadline.
+
+        Decisions may come from this process or any other (``moot approve``).
+        """
         last = self.log.stream_info(self.stream).last_seq
         with self.log.subscribe(
             self.log.stream_info(self.stream).last_position, stream=self.stream, poll_interval=poll

@@ -82,7 +82,13 @@ def show_stream(log: LogBase, stream: str, console: Console) -> None:
 
 
 def _show_dialogue(log: LogBase, stream: str, console: Console) -> None:
+    shown = 0  # a turn's header comes before its first message (its inputs)
     for record in log.read(stream):
+        turn = getattr(record.event, "turn", 0)
+        if isinstance(record.event, DialogueMessage | TurnStarted) and turn > shown:
+            shown = turn
+            console.print()
+            console.print(f"[bold cyan]── Turn {turn} ──[/bold cyan]")
         for line in _dialogue_lines(record):
             console.print(line)
         event = record.event
@@ -104,8 +110,6 @@ def _dialogue_lines(record: Record) -> list[str | Text]:
             if event.context is not None and event.context.environment:
                 lines.append(f"[dim]context:[/dim] {escape(event.context.environment)}")
             return lines
-        case TurnStarted():
-            return ["", f"[bold cyan]── Turn {event.turn} ──[/bold cyan]"]
         case DialogueMessage():
             who = event.speaker.name + (f" ({event.speaker.role})" if event.speaker.role else "")
             style = "green" if event.origin == "agent" else "yellow"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from moot.events import DialogueContext, DialogueState, JoiningStrategy
+from moot.events import (
+    DialogueContext,
+    DialogueState,
+    JoiningStrategy,
+    LoopDetectionInfo,
+    LoopState,
+    ToolCallBlock,
+)
 
 from ._agents import Agent, CallableAgent, LlmAgent
 from ._anthropic import AnthropicProvider
@@ -23,9 +31,24 @@ from ._context import TALK_STYLES
 from ._decide import MODES, REACTIONS, validate_order
 from ._dialogue import Dialogue, Input, Participant
 from ._errors import ConfigurationError, DialogueError
+from ._loop import (
+    Approval,
+    Completed,
+    Failed,
+    LoopResult,
+    Paused,
+    ToolLoop,
+    ToolLoopConfig,
+    ToolLoopHandle,
+    Yielded,
+    approve,
+    ask_person,
+)
+from ._loop_agent import ToolLoopAgent
 from ._model import Provider
 from ._openai import OpenAIProvider
 from ._scripted import ScriptedProvider, parse_replies
+from ._tools import ToolRegistry, load_tool
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,7 +57,17 @@ if TYPE_CHECKING:
 
     from ._session import TurnReply
 
-__all__ = ["AgentSpec", "Scenario", "load_scenario", "resume_dialogue", "run_dialogue"]
+__all__ = [
+    "AgentSpec",
+    "LoopScenario",
+    "Scenario",
+    "load_scenario",
+    "loop_config",
+    "resume_dialogue",
+    "resume_loop",
+    "run_dialogue",
+    "run_loop",
+]
 
 _AGENT_KEYS = {
     "agent",
@@ -99,8 +132,31 @@ class AgentSpec:
                 f"{self.where}: unknown agent {kind!r} "
                 "(expected scripted, openai, anthropic or module:factory)"
             )
-        if "tools" in self.table or "loop" in self.table:
-            raise ConfigurationError(f"{self.where}: tool-loop participants are not available yet")
+        self.tools()
+        self.loop_config()
+
+    def tools(self) -> ToolRegistry | None:
+        """The participant's tools (None: a plain participant, not a tool loop)."""
+        paths = self.table.get("tools")
+        if paths is None:
+            return None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise ConfigurationError(f"{self.where}: tools must be a list of import paths")
+        try:
+            return ToolRegistry([load_tool(p) for p in paths])
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{self.where}: {exc}") from exc
+
+    def loop_config(self) -> ToolLoopConfig:
+        """The loop settings: the ``loop`` sub-table of a participant, or the [loop] table."""
+        raw = self.table.get("loop", self.table if self.standalone else {})
+        if not isinstance(raw, dict):
+            raise ConfigurationError(f"{self.where}: loop must be a table")
+        return loop_config(self.where, raw)
+
+    @property
+    def standalone(self) -> bool:
+        return "prompt" in self.table
 
     def provider(self) -> Provider:
         """The model behind this agent."""
@@ -124,8 +180,18 @@ class AgentSpec:
             )
         raise ConfigurationError(f"{self.where}: agent {kind!r} has no provider")
 
-    def build(self) -> Agent:
-        """The agent, ready to answer."""
+    def build(self, log: LogBase) -> Agent:
+        """The agent, ready to answer (a tool loop when it has tools)."""
+        tools = self.tools()
+        if tools is not None:
+            return ToolLoopAgent(
+                self.provider(),
+                tools,
+                log,
+                config=self.loop_config(),
+                instructions=self.table.get("instructions"),
+                history_turns=self.table.get("history_turns", 20),
+            )
         if ":" in self.kind:
             made = _import(self.kind, self.where)(dict(self.table))
             if isinstance(made, Provider):
@@ -150,6 +216,75 @@ class AgentSpec:
         )
 
 
+_LOOP_KEYS = {
+    "max_iterations",
+    "parallel_tool_execution",
+    "timeout_s",
+    "max_depth",
+    "loop_detection",
+    "mask_keep_iterations",
+    "approval",
+    "stream",
+    "temperature",
+    "max_tokens",
+}
+
+
+def loop_config(where: str, raw: dict[str, Any]) -> ToolLoopConfig:
+    """A ToolLoopConfig from a scenario table (unknown keys are left to the caller).
+
+    ``approval`` is "auto" (the default), "ask" (a person decides every call), or a list of
+    tool names a person must decide; the others run.
+
+    Raises:
+        ConfigurationError: a value is invalid.
+    """
+    settings = {k: v for k, v in raw.items() if k in _LOOP_KEYS}
+    approval = settings.pop("approval", "auto")
+    detection = settings.pop("loop_detection", None)
+    try:
+        info = None if detection is None else msgspec.convert(detection, LoopDetectionInfo)
+        config = msgspec.convert(settings, _LoopSettings)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"{where}: invalid loop settings ({exc})") from exc
+    return ToolLoopConfig(
+        max_iterations=config.max_iterations,
+        parallel_tool_execution=config.parallel_tool_execution,
+        timeout_s=config.timeout_s,
+        max_depth=config.max_depth,
+        loop_detection=info,
+        mask_keep_iterations=config.mask_keep_iterations,
+        approval=_approval(where, approval),
+        stream=config.stream,
+        temperature=config.temperature,
+        max_tokens=config.max_tokens,
+    )
+
+
+class _LoopSettings(msgspec.Struct, forbid_unknown_fields=True):
+    max_iterations: int = 10
+    parallel_tool_execution: bool = True
+    timeout_s: float | None = None
+    max_depth: int | None = 3
+    mask_keep_iterations: int | None = None
+    stream: bool = True
+    temperature: float | None = None
+    max_tokens: int | None = None
+
+
+def _approval(where: str, raw: Any) -> Callable[[ToolCallBlock], Approval] | None:
+    if raw == "auto":
+        return None
+    if raw == "ask":
+        return lambda call: ask_person("the scenario asks a person to decide every call")
+    if isinstance(raw, list) and all(isinstance(n, str) for n in raw):
+        names = frozenset(raw)
+        return lambda call: (
+            ask_person(f"{call.name} needs approval") if call.name in names else approve()
+        )
+    raise ConfigurationError(f"{where}: approval must be 'auto', 'ask' or a list of tool names")
+
+
 def _import(path: str, where: str) -> Callable[..., Any]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
@@ -172,10 +307,10 @@ class ParticipantSpec:
     joins_at: int | None = None
     strategy: JoiningStrategy = field(default_factory=JoiningStrategy.recent)
 
-    def participant(self) -> Participant:
+    def participant(self, log: LogBase) -> Participant:
         return Participant(
             name=self.name,
-            agent=self.agent.build(),
+            agent=self.agent.build(log),
             role=self.info.get("role"),
             description=self.info.get("description"),
             capabilities=tuple(self.info.get("capabilities", ())),
@@ -203,7 +338,7 @@ class Scenario:
         return [p for p in self.participants if p.joins_at is None]
 
 
-def load_scenario(path: str | os.PathLike[str]) -> Scenario:
+def load_scenario(path: str | os.PathLike[str]) -> Scenario | LoopScenario:
     """Read and validate a scenario file.
 
     Raises:
@@ -211,6 +346,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
             format does not allow; the message says where.
     """
     where = os.fspath(path)
+    _importable(Path(path))
     try:
         raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -218,7 +354,9 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{where}: invalid TOML ({exc})") from exc
     if "loop" in raw:
-        raise ConfigurationError(f"{where}: standalone [loop] scenarios are not available yet")
+        if set(raw) - {"loop"}:
+            raise ConfigurationError(f"{where}: a [loop] scenario has only the [loop] table")
+        return _loop(where, raw["loop"])
     dialogue = raw.get("dialogue")
     if not isinstance(dialogue, dict):
         raise ConfigurationError(f"{where}: needs a [dialogue] table (or a [loop] table)")
@@ -226,6 +364,14 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     if unknown:
         raise ConfigurationError(f"{where}: unknown table(s): {', '.join(sorted(unknown))}")
     return _dialogue(where, dialogue, raw.get("participant", []), raw.get("moderator"))
+
+
+def _importable(path: Path) -> None:
+    """Let ``module:attr`` paths name modules next to the scenario or in the current
+    directory, as they would for ``python -m`` (appended: installed packages win)."""
+    for folder in (str(Path.cwd()), str(path.resolve().parent)):
+        if folder not in sys.path:
+            sys.path.append(folder)
 
 
 def _dialogue(where: str, d: dict[str, Any], people: Any, moderator: Any) -> Scenario:
@@ -364,13 +510,13 @@ def run_dialogue(
     """Run a dialogue scenario from its first turn; returns the stream id."""
     dialogue = Dialogue.create(
         log,
-        participants=[p.participant() for p in scenario.initial()],
+        participants=[p.participant(log) for p in scenario.initial()],
         mode=scenario.mode,
         order=scenario.order,
         names=scenario.names,
         context=scenario.context,
         reaction=scenario.reaction,
-        moderator=scenario.moderator.build() if scenario.moderator else None,
+        moderator=scenario.moderator.build(log) if scenario.moderator else None,
         mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
         stream=stream or scenario.stream,
     )
@@ -392,13 +538,13 @@ def resume_dialogue(
     if not isinstance(state, DialogueState):
         raise ConfigurationError(f"stream {stream!r} is a tool loop, not a dialogue")
     agents = {
-        p.name: p.agent.build() for p in scenario.participants if p.name in state.participants
+        p.name: p.agent.build(log) for p in scenario.participants if p.name in state.participants
     }
     dialogue = Dialogue.resume(
         log,
         stream,
         agents,
-        moderator=scenario.moderator.build() if scenario.moderator else None,
+        moderator=scenario.moderator.build(log) if scenario.moderator else None,
         mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
     )
     try:
@@ -424,7 +570,7 @@ def _play(
         for number, turn_input in enumerate(scenario.turns[done:], start=done + 1):
             for spec in scenario.participants:
                 if spec.joins_at == number and spec.name not in present:
-                    dialogue.join(spec.participant(), spec.strategy)
+                    dialogue.join(spec.participant(dialogue.log), spec.strategy)
                     present.add(spec.name)
             for reply in dialogue.session(turn_input):
                 if on_reply is not None:
@@ -433,3 +579,105 @@ def _play(
         dialogue.stop()
         raise
     dialogue.close("completed")
+
+
+# --------------------------------------------------------------- loop files
+
+_STANDALONE_KEYS = (
+    (_AGENT_KEYS - {"loop", "history_turns"})
+    | _LOOP_KEYS
+    | {
+        "prompt",
+        "system",
+        "id",
+        "name",
+    }
+)
+
+
+@dataclass(frozen=True)
+class LoopScenario:
+    """A validated ``[loop]`` scenario: one standalone tool loop."""
+
+    path: str
+    prompt: str
+    system: str | None
+    agent: AgentSpec
+    stream: str | None = None
+
+
+def _loop(where: str, table: Any) -> LoopScenario:
+    here = f"{where}: [loop]"
+    if not isinstance(table, dict):
+        raise ConfigurationError(f"{here} must be a table")
+    _no_unknown(table, _STANDALONE_KEYS, here)
+    prompt = table.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigurationError(f"{here} needs a prompt")
+    spec = AgentSpec(here, {"tools": [], **table})
+    spec.validate()
+    return LoopScenario(where, prompt, table.get("system"), spec, table.get("id"))
+
+
+def run_loop(
+    scenario: LoopScenario,
+    log: LogBase,
+    *,
+    stream: str | None = None,
+    on_start: Callable[[str], None] | None = None,
+    on_turn: Callable[[Any], None] | None = None,
+) -> LoopResult | Failed:
+    """Run a standalone loop scenario to its end; paused loops wait for decisions."""
+    spec = scenario.agent
+    handle = ToolLoop.start(
+        log,
+        spec.provider(),
+        spec.tools(),
+        prompt=scenario.prompt,
+        system=scenario.system,
+        config=spec.loop_config(),
+        stream=stream or scenario.stream,
+    )
+    if on_start is not None:
+        on_start(handle.stream)
+    return _drive(handle, on_turn)
+
+
+def resume_loop(
+    scenario: LoopScenario,
+    log: LogBase,
+    stream: str,
+    *,
+    on_turn: Callable[[Any], None] | None = None,
+) -> LoopResult | Failed:
+    """Continue an unfinished loop with the scenario's model and tools."""
+    state = log.replay(stream)
+    if not isinstance(state, LoopState):
+        raise ConfigurationError(f"stream {stream!r} is a dialogue, not a tool loop")
+    if state.parent is not None and log.stream_info(state.parent.stream).kind == "dialogue":
+        raise ConfigurationError(
+            f"loop {stream!r} answers dialogue {state.parent.stream!r}; resume the dialogue"
+        )
+    spec = scenario.agent
+    handle = ToolLoop.resume(log, stream, spec.provider(), spec.tools(), spec.loop_config())
+    return _drive(handle, on_turn)
+
+
+def _drive(handle: ToolLoopHandle, on_turn: Callable[[Any], None] | None) -> LoopResult | Failed:
+    """Turn by turn to the end, reporting each turn; waits while paused."""
+    try:
+        while True:
+            turn = handle.next_turn()
+            if on_turn is not None:
+                on_turn(turn)
+            match turn:
+                case Completed():
+                    return turn.result
+                case Failed():
+                    return turn
+                case Paused():
+                    handle.wait_for_decision()
+                case Yielded():
+                    pass
+    finally:
+        handle.close()

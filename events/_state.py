@@ -123,6 +123,8 @@ class TurnState(msgspec.Struct, kw_only=True):
     order: str | None = None
     #: The recorded payload of each participant that was given one this turn.
     payloads: dict[str, tuple[int, ...]] = {}
+    #: The seq of each of those PayloadDelivered events.
+    delivered_at: dict[str, int] = {}
     #: Participant name -> seq of its reply this turn.
     replies: dict[str, int] = {}
     failures: dict[str, Error] = {}
@@ -207,6 +209,7 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
                     s.usage = s.usage + ev.usage
         case PayloadDelivered():
             s.current.payloads[ev.participant] = ev.messages
+            s.current.delivered_at[ev.participant] = s.seq
             s.pending_joiners.pop(ev.participant, None)
             if ev.messages:
                 s.delivered[ev.participant] = max(

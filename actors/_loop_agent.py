@@ -1,0 +1,141 @@
+"""Dialogue participants answered by a tool loop.
+
+Each turn runs a loop in its own stream, ``<dialogue>/<participant>/t<turn>``, whose
+``LoopStarted.parent`` points at the dialogue and at the PayloadDelivered it answers;
+the reply's ``DialogueMessage.loop`` points back. The stream id is fixed by the turn,
+so a participant re-run after a crash picks up its loop instead of starting another,
+and a loop that had finished is not run again.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from moot.events import LlmResponse, LoopParent, LoopState
+from moot.store import UnknownStreamError
+
+from ._agents import AgentMemory, AgentReply, LlmAgent, Payload
+from ._errors import ToolLoopError
+from ._loop import Completed, LoopResult, ToolLoop, ToolLoopConfig, ToolLoopHandle
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from moot.store import LogBase
+
+    from ._model import Delta, Provider
+    from ._tools import ToolRegistry
+
+__all__ = ["ToolLoopAgent", "loop_stream_id"]
+
+
+def loop_stream_id(dialogue: str, participant: str, turn: int) -> str:
+    """The stream of the loop that answers ``participant`` in ``turn`` of ``dialogue``."""
+    return f"{dialogue}/{participant}/t{turn}"
+
+
+class ToolLoopAgent:
+    """A participant whose every turn is a tool loop over ``provider`` and ``tools``.
+
+    The prompt (persona, participants, context, recent exchanges) is rendered as for
+    :class:`LlmAgent`; the loop's final answer is the reply.
+    """
+
+    def __init__(
+        self,
+        provider: Provider,
+        tools: ToolRegistry,
+        log: LogBase,
+        *,
+        config: ToolLoopConfig | None = None,
+        instructions: str | None = None,
+        history_turns: int | None = 20,
+        on_delta: Callable[[Delta], None] | None = None,
+    ) -> None:
+        self.provider = provider
+        self.tools = tools
+        self.log = log
+        self.config = config or ToolLoopConfig()
+        self.on_delta = on_delta
+        self._prompt = LlmAgent(provider, instructions=instructions, history_turns=history_turns)
+        self.loops: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"ToolLoopAgent({self.provider!r}, {len(self.tools)} tools)"
+
+    def restore(self, memory: AgentMemory) -> None:
+        """Rebuild the chat history, and skip script entries used by earlier loops."""
+        self._prompt.restore(AgentMemory(name=memory.name, exchanges=memory.exchanges))
+        skip = getattr(self.provider, "skip", None)
+        if callable(skip):
+            skip(self._model_calls_on_record(memory.name))
+
+    def _model_calls_on_record(self, name: str) -> int:
+        count = 0
+        for head in self.log.streams():
+            if head.kind == "loop" and head.parent is not None and f"/{name}/t" in head.stream:
+                count += sum(
+                    1 for r in self.log.read(head.stream) if isinstance(r.event, LlmResponse)
+                )
+        return count
+
+    def respond(self, payload: Payload) -> AgentReply:
+        name = payload.participant.name
+        stream = loop_stream_id(payload.stream, name, payload.turn)
+        handle = self._open(stream, payload)
+        try:
+            result = self._finish(handle)
+        finally:
+            handle.close()
+        self._prompt.remember(payload.text, result.text)
+        self.loops.append(stream)
+        return AgentReply(
+            content=result.text,
+            usage=result.usage,
+            model=result.model,
+            loop=stream,
+        )
+
+    def _open(self, stream: str, payload: Payload) -> ToolLoopHandle:
+        if _exists(self.log, stream):
+            return ToolLoop.resume(
+                self.log, stream, self.provider, self.tools, self.config, on_delta=self.on_delta
+            )
+        request = self._prompt.request(payload)
+        parent = LoopParent(
+            stream=payload.stream,
+            seq=payload.delivered_seq or 0,
+            turn=payload.turn,
+            participant=payload.participant.name,
+        )
+        return ToolLoop.start(
+            self.log,
+            self.provider,
+            self.tools,
+            messages=request.messages,
+            system=request.system,
+            config=self.config,
+            stream=stream,
+            parent=parent,
+            on_delta=self.on_delta,
+        )
+
+    def _finish(self, handle: ToolLoopHandle) -> LoopResult:
+        """Run the loop to its end (or read the end of a loop that had finished)."""
+        state = self.log.replay(handle.stream)
+        assert isinstance(state, LoopState)
+        if state.error is not None:
+            raise ToolLoopError(state.error.message)
+        if state.finished:
+            turn = handle.next_turn(timeout=60)
+            assert isinstance(turn, Completed)
+            return turn.result
+        return handle.run(timeout=self.config.timeout_s)
+
+
+def _exists(log: LogBase, stream: str) -> bool:
+    try:
+        log.stream_info(stream)
+    except UnknownStreamError:
+        return False
+    return True

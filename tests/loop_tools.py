@@ -1,0 +1,41 @@
+"""Tools used by the scenario tests (imported by path, as a user's tools would be)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from moot.actors import tool
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+def _slow(label: str) -> str:
+    """Count the run in $MOOT_TEST_RUNS, say so on stderr, then take a long time
+    unless $MOOT_TEST_FAST is set (the test kills the process meanwhile)."""
+    runs = Path(os.environ["MOOT_TEST_RUNS"])
+    with runs.open("a") as f:
+        f.write(label + "\n")
+    sys.stderr.write(f"{label} started\n")
+    sys.stderr.flush()
+    if not os.environ.get("MOOT_TEST_FAST"):
+        time.sleep(60)  # simulated work, cut short by SIGKILL
+    return f"{label} done"
+
+
+@tool(idempotent=True)
+def fetch() -> str:
+    """A slow read: safe to run again."""
+    return _slow("fetch")
+
+
+@tool
+def transfer() -> str:
+    """A slow payment: never run twice."""
+    return _slow("transfer")

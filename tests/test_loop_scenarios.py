@@ -1,0 +1,231 @@
+"""Tool loops through the real ``moot`` command: approvals across restarts, crashes in
+tools, and tool-loop participants in dialogues."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moot.actors._loop import INTERRUPTED
+from moot.events import (
+    DialogueMessage,
+    LoopStarted,
+    LoopState,
+    PayloadDelivered,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    ToolResultBlock,
+)
+from moot.store import EventLog
+
+MOOT = str(Path(sys.executable).parent / "moot")
+ROOT = Path(__file__).resolve().parent.parent
+
+APPROVAL = """
+[loop]
+prompt = "What is 2 + 3?"
+agent = "scripted"
+replies = [{ tool_calls = [{ name = "add", arguments = { a = 2, b = 3 } }] }, { text = "It is 5." }]
+tools = ["tests.loop_tools:add"]
+approval = "ask"
+"""
+
+
+def start(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [MOOT, "--db", str(db), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def moot(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MOOT, "--db", str(db), *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def paused_then_killed(tmp_path: Path) -> tuple[Path, Path, str, str]:
+    scenario, db = tmp_path / "loop.toml", tmp_path / "moot.db"
+    scenario.write_text(APPROVAL)
+    proc = start(db, "run", str(scenario))
+    assert proc.stdout is not None
+    stream = proc.stdout.readline().split()[1]
+    awaiting = proc.stdout.readline()
+    assert awaiting.startswith("awaiting approval: "), awaiting
+    call_id = awaiting.split()[2]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    with EventLog(db, readonly=True) as log:
+        assert log.stream_info(stream).status == "awaiting"
+    return scenario, db, stream, call_id
+
+
+def test_an_approval_survives_a_restart(tmp_path: Path) -> None:
+    scenario, db, stream, call_id = paused_then_killed(tmp_path)
+    waiting = start(db, "resume", stream, str(scenario))  # a new daemon, waiting again
+    assert waiting.stdout is not None
+    assert waiting.stdout.readline() == f"stream {stream}\n"
+    assert waiting.stdout.readline().startswith(f"awaiting approval: {call_id}")
+    approved = moot(db, "approve", stream, call_id, "--reason", "looks right")
+    assert approved.returncode == 0, approved.stderr
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert "answer: It is 5." in out and out.endswith(f"completed {stream}\n")
+    with EventLog(db, readonly=True) as log:
+        assert log.verify().ok and log.stream_info(stream).status == "completed"
+        ends = [r.event for r in log.read(stream) if isinstance(r.event, ToolExecutionEnd)]
+        assert [e.content for e in ends] == ["5"]
+
+
+def test_a_decision_taken_while_nothing_runs_is_picked_up(tmp_path: Path) -> None:
+    scenario, db, stream, call_id = paused_then_killed(tmp_path)
+    denied = moot(db, "deny", stream, call_id, "--reason", "no maths today")
+    assert denied.returncode == 0 and denied.stdout.strip() == f"denied {call_id} in {stream}"
+    resumed = moot(db, "resume", stream, str(scenario))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "answer: It is 5." in resumed.stdout
+    with EventLog(db, readonly=True) as log:
+        state = log.replay(stream)
+        events = [r.event for r in log.read(stream)]
+    assert not any(isinstance(e, ToolExecutionStart) for e in events)  # a denied call never runs
+    assert isinstance(state, LoopState)
+    fed_back = [b for m in state.messages if m.role == "tool" for b in m.content]
+    assert fed_back == [
+        ToolResultBlock(
+            tool_call_id=call_id, content="Tool call denied: no maths today", is_error=True
+        )
+    ]
+    again = moot(db, "approve", stream, call_id)
+    assert again.returncode == 2 and "is waiting for a decision" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+SLOW = """
+[loop]
+prompt = "Do it."
+agent = "scripted"
+replies = [{{ tool_calls = [{{ name = "{tool}" }}] }}, {{ text = "finished" }}]
+tools = ["tests.loop_tools:{tool}"]
+"""
+
+
+@pytest.mark.parametrize("tool", ["fetch", "transfer"])
+def test_sigkill_during_a_tool(tmp_path: Path, tool: str) -> None:
+    scenario, db, runs = tmp_path / "slow.toml", tmp_path / "moot.db", tmp_path / "runs"
+    scenario.write_text(SLOW.format(tool=tool))
+    env = {**os.environ, "MOOT_TEST_RUNS": str(runs)}
+    proc = start(db, "run", str(scenario), env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    stream = proc.stdout.readline().split()[1]
+    assert proc.stderr.readline() == f"{tool} started\n"  # the tool is running now
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    resumed = moot(db, "resume", stream, str(scenario), env={**env, "MOOT_TEST_FAST": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    with EventLog(db, readonly=True) as log:
+        assert log.verify().ok
+        events = [r.event for r in log.read(stream)]
+    starts = [e for e in events if isinstance(e, ToolExecutionStart)]
+    ends = [e for e in events if isinstance(e, ToolExecutionEnd)]
+    assert len(starts) == 1 and len(ends) == 1
+    if tool == "fetch":  # idempotent: run again, once
+        assert runs.read_text().splitlines() == ["fetch", "fetch"]
+        assert (ends[0].content, ends[0].is_error) == ("fetch done", False)
+    else:  # not idempotent: the model is told, the tool is not run again
+        assert runs.read_text().splitlines() == ["transfer"]
+        assert ends[0].is_error and ends[0].content == INTERRUPTED.format(tool="transfer")
+    assert "answer: finished" in resumed.stdout
+
+
+DIALOGUE = """
+[dialogue]
+mode = "broadcast"
+order = "participant_order"
+turns = ["Add 2 and 3.", "Thanks."]
+
+[[participant]]
+name = "calculator"
+agent = "scripted"
+tools = ["tests.loop_tools:add"]
+replies = [
+  { tool_calls = [{ name = "add", arguments = { a = 2, b = 3 } }] },
+  { text = "2 + 3 = 5" },
+  { text = "You are welcome." },
+]
+[participant.loop]
+max_iterations = 4
+
+[[participant]]
+name = "chatter"
+agent = "scripted"
+replies = ["Nice.", "Bye."]
+"""
+
+
+def test_a_dialogue_with_a_tool_loop_participant(tmp_path: Path) -> None:
+    scenario, db = tmp_path / "d.toml", tmp_path / "moot.db"
+    scenario.write_text(DIALOGUE)
+    result = moot(db, "run", str(scenario), "--id", "calc")
+    assert result.returncode == 0, result.stderr
+    assert "turn 1  calculator: 2 + 3 = 5" in result.stdout
+    with EventLog(db, readonly=True) as log:
+        loops = [s for s in log.streams() if s.kind == "loop"]
+        assert sorted(s.stream for s in loops) == ["calc/calculator/t1", "calc/calculator/t2"]
+        assert all(s.parent == "calc" and s.status == "completed" for s in loops)
+        first = next(log.read("calc/calculator/t1")).event
+        assert isinstance(first, LoopStarted) and first.parent is not None
+        delivered = next(r for r in log.read("calc") if r.seq == first.parent.seq)
+        assert isinstance(delivered.event, PayloadDelivered)
+        assert delivered.event.participant == "calculator"
+        reply = next(
+            r.event
+            for r in log.read("calc")
+            if isinstance(r.event, DialogueMessage) and r.event.speaker.name == "calculator"
+        )
+        assert isinstance(reply, DialogueMessage) and reply.loop == "calc/calculator/t1"
+    shown = moot(db, "show", "calc").stdout.splitlines()
+    at_reply = shown.index("  calculator: 2 + 3 = 5")
+    assert shown[at_reply + 1].strip() == "└ loop calc/calculator/t1"  # nested right under it
+    assert any("add: 5" in line for line in shown[at_reply:])
+    assert shown.index("── Turn 1 ──") < shown.index("  user: Add 2 and 3.")
+
+
+def test_bad_loop_scenarios(tmp_path: Path) -> None:
+    cases = {
+        "no prompt": ('[loop]\nagent = "scripted"\nreplies = ["x"]\n', "needs a prompt"),
+        "unknown tool path": (
+            '[loop]\nprompt = "x"\nreplies = ["x"]\ntools = ["nowhere:thing"]\n',
+            "Cannot load tool",
+        ),
+        "bad approval": (
+            '[loop]\nprompt = "x"\nreplies = ["x"]\napproval = "maybe"\n',
+            "approval must be",
+        ),
+        "bad detection": (
+            '[loop]\nprompt = "x"\nreplies = ["x"]\nloop_detection = { action = "panic" }\n',
+            "invalid loop settings",
+        ),
+    }
+    for name, (text, reason) in cases.items():
+        scenario = tmp_path / "bad.toml"
+        scenario.write_text(text)
+        result = moot(tmp_path / "x.db", "run", str(scenario))
+        assert result.returncode == 2, (name, result.stderr)
+        assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1, name
+        assert not (tmp_path / "x.db").exists()
