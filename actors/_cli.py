@@ -338,6 +338,35 @@ def deny(ctx: click.Context, stream: str, call_id: str, reason: str | None) -> N
     _decide(ctx, stream, call_id, "deny", reason)
 
 
+@cli.command()
+@click.argument("stream")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_context
+def redrive(ctx: click.Context, stream: str, file: str) -> None:
+    """Run FILE again against STREAM's recorded replies and tool results, and compare.
+
+    Exit 0 when the new run reproduces the log; 1 with the first divergence. The log
+    is only read, and no live model is called.
+    """
+    from ._redrive import redrive as run_redrive
+    from ._scenario import load_scenario
+
+    scenario = load_scenario(file)
+    log = open_log(ctx)
+    log.stream_info(stream)
+    report = run_redrive(scenario, log, stream)
+    if report.ok:
+        click.echo(f"reproduced {report.compared} events of {stream}")
+        return
+    d = report.divergence
+    assert d is not None
+    where = f"position {d.position}" if d.position is not None else "the end of the log"
+    click.echo(f"diverged at {where} in {d.stream}")
+    click.echo(f"  expected: {d.expected}")
+    click.echo(f"  actual:   {d.actual}")
+    raise Problem(f"diverged at {where} in {d.stream}")
+
+
 # ---------------------------------------------------------------------- main
 
 

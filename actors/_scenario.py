@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,8 +52,6 @@ from ._scripted import ScriptedProvider, parse_replies
 from ._tools import ToolRegistry, load_tool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from moot.store import LogBase
 
     from ._session import TurnReply
@@ -178,20 +177,39 @@ class AgentSpec:
                 api_key_env=t.get("api_key_env", "ANTHROPIC_API_KEY"),
                 timeout=t.get("timeout_s"),
             )
+        if ":" in kind:
+            made = _import(kind, self.where)(dict(t))
+            if isinstance(made, Provider):
+                return made
+            raise ConfigurationError(
+                f"{self.where}: {kind} made a {type(made).__name__}; a model is needed here"
+            )
         raise ConfigurationError(f"{self.where}: agent {kind!r} has no provider")
 
-    def build(self, log: LogBase) -> Agent:
-        """The agent, ready to answer (a tool loop when it has tools)."""
-        tools = self.tools()
+    def build(
+        self,
+        log: LogBase,
+        *,
+        provider: Provider | None = None,
+        tools: ToolRegistry | None = None,
+    ) -> Agent:
+        """The agent, ready to answer (a tool loop when it has tools).
+
+        ``provider`` and ``tools`` replace the ones the table describes (re-drive
+        serves recorded replies and results this way).
+        """
+        tools = tools if tools is not None else self.tools()
         if tools is not None:
             return ToolLoopAgent(
-                self.provider(),
+                provider or self.provider(),
                 tools,
                 log,
                 config=self.loop_config(),
                 instructions=self.table.get("instructions"),
                 history_turns=self.table.get("history_turns", 20),
             )
+        if provider is not None:
+            return self._llm(provider)
         if ":" in self.kind:
             made = _import(self.kind, self.where)(dict(self.table))
             if isinstance(made, Provider):
@@ -299,6 +317,9 @@ def _import(path: str, where: str) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
+AgentMaker = Callable[[AgentSpec], Agent]
+
+
 @dataclass(frozen=True)
 class ParticipantSpec:
     name: str
@@ -307,10 +328,10 @@ class ParticipantSpec:
     joins_at: int | None = None
     strategy: JoiningStrategy = field(default_factory=JoiningStrategy.recent)
 
-    def participant(self, log: LogBase) -> Participant:
+    def participant(self, make: AgentMaker) -> Participant:
         return Participant(
             name=self.name,
-            agent=self.agent.build(log),
+            agent=make(self.agent),
             role=self.info.get("role"),
             description=self.info.get("description"),
             capabilities=tuple(self.info.get("capabilities", ())),
@@ -506,23 +527,28 @@ def run_dialogue(
     stream: str | None = None,
     on_start: Callable[[str], None] | None = None,
     on_reply: Callable[[TurnReply], None] | None = None,
+    make_agent: AgentMaker | None = None,
 ) -> str:
-    """Run a dialogue scenario from its first turn; returns the stream id."""
+    """Run a dialogue scenario from its first turn; returns the stream id.
+
+    ``make_agent`` builds each agent from its spec (default: as the file says).
+    """
+    make = make_agent or (lambda spec: spec.build(log))
     dialogue = Dialogue.create(
         log,
-        participants=[p.participant(log) for p in scenario.initial()],
+        participants=[p.participant(make) for p in scenario.initial()],
         mode=scenario.mode,
         order=scenario.order,
         names=scenario.names,
         context=scenario.context,
         reaction=scenario.reaction,
-        moderator=scenario.moderator.build(log) if scenario.moderator else None,
+        moderator=make(scenario.moderator) if scenario.moderator else None,
         mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
         stream=stream or scenario.stream,
     )
     if on_start is not None:
         on_start(dialogue.stream)
-    _play(scenario, dialogue, 0, on_reply)
+    _play(scenario, dialogue, 0, on_reply, make)
     return dialogue.stream
 
 
@@ -554,7 +580,7 @@ def resume_dialogue(
     except BaseException:
         dialogue.stop()
         raise
-    _play(scenario, dialogue, state.input_turn, on_reply)
+    _play(scenario, dialogue, state.input_turn, on_reply, lambda spec: spec.build(log))
     return stream
 
 
@@ -563,6 +589,7 @@ def _play(
     dialogue: Dialogue,
     done: int,
     on_reply: Callable[[TurnReply], None] | None,
+    make: AgentMaker,
 ) -> None:
     """Play turns ``done + 1`` onwards, joining late participants as they come due."""
     try:
@@ -570,7 +597,7 @@ def _play(
         for number, turn_input in enumerate(scenario.turns[done:], start=done + 1):
             for spec in scenario.participants:
                 if spec.joins_at == number and spec.name not in present:
-                    dialogue.join(spec.participant(dialogue.log), spec.strategy)
+                    dialogue.join(spec.participant(make), spec.strategy)
                     present.add(spec.name)
             for reply in dialogue.session(turn_input):
                 if on_reply is not None:
@@ -626,13 +653,18 @@ def run_loop(
     stream: str | None = None,
     on_start: Callable[[str], None] | None = None,
     on_turn: Callable[[Any], None] | None = None,
+    provider: Provider | None = None,
+    tools: ToolRegistry | None = None,
 ) -> LoopResult | Failed:
-    """Run a standalone loop scenario to its end; paused loops wait for decisions."""
+    """Run a standalone loop scenario to its end; paused loops wait for decisions.
+
+    ``provider`` and ``tools`` replace the ones the file describes.
+    """
     spec = scenario.agent
     handle = ToolLoop.start(
         log,
-        spec.provider(),
-        spec.tools(),
+        provider or spec.provider(),
+        tools if tools is not None else spec.tools(),
         prompt=scenario.prompt,
         system=scenario.system,
         config=spec.loop_config(),

@@ -39,3 +39,9 @@ def fetch() -> str:
 def transfer() -> str:
     """A slow payment: never run twice."""
     return _slow("transfer")
+
+
+@tool(idempotent=True)
+def lookup(key: str) -> str:
+    """Look a key up (the answer comes from $MOOT_TEST_LOOKUP: tests change it)."""
+    return f"{key}={os.environ.get('MOOT_TEST_LOOKUP', 'v1')}"

@@ -1,0 +1,469 @@
+"""Re-drive: run a scenario again against what a stream's log recorded, and compare.
+
+The program runs again for real (coordinator, prompts, loops, scripted agents, the
+tools that are safe to run again) into a scratch in-memory log, while everything that
+reaches outside is served from the log:
+
+- a live model (openai, anthropic, a factory) answers with the replies it gave then, in
+  the order it gave them, whatever the request: identical prompts get their recorded
+  answers in order. A request beyond what was recorded fails loudly with
+  :class:`ReplayMissing`; nothing is ever sent to a real model;
+- a tool that is not idempotent is not run: the result it gave then is served, by call;
+  an idempotent tool runs again and its result is compared.
+
+Then the new run's events are compared with the log's, stream by stream. Replies that
+run concurrently may finish in another order, so a dialogue turn is compared as a
+whole (payloads by the messages they name, replies by speaker), and a loop's tool
+round by call id. The first event that differs is the divergence: its position in the
+log, what the log holds, and what the new run did.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from moot.events import (
+    ContentBlock,
+    DialogueMessage,
+    Done,
+    Error,
+    Event,
+    LlmResponse,
+    LoopFailed,
+    LoopStarted,
+    ParticipantFailed,
+    PayloadDelivered,
+    ReasoningBlock,
+    TextBlock,
+    ToolCallBlock,
+    ToolExecutionEnd,
+    ToolExecutionStart,
+    TurnCompleted,
+    TurnStarted,
+    Usage,
+)
+from moot.store import MemoryEventLog
+
+from ._errors import ProviderError
+from ._loop import Failed
+from ._loop_agent import loop_stream_id
+from ._model import (
+    Assembler,
+    Delta,
+    Finished,
+    ModelRequest,
+    ModelResponse,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallComplete,
+    ToolCallStart,
+    UsageDelta,
+)
+from ._scenario import AgentSpec, LoopScenario, Scenario, run_dialogue, run_loop
+from ._tools import ToolContext, ToolOutcome, ToolRegistry
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from moot.store import LogBase
+
+    from ._agents import Agent
+
+__all__ = [
+    "Divergence",
+    "RecordedProvider",
+    "RecordedTools",
+    "RedriveReport",
+    "ReplayMissing",
+    "redrive",
+]
+
+
+class ReplayMissing(ProviderError):
+    """The new run asked for something the log does not hold (never a live call)."""
+
+    kind = "replay_missing"
+
+
+class Divergence(msgspec.Struct, frozen=True):
+    """Where a re-driven run first differs from the log."""
+
+    stream: str
+    #: The position (in the log) of the first event that differs; None when the new run
+    #: went further than the log.
+    position: int | None
+    expected: str
+    actual: str
+
+
+class RedriveReport(msgspec.Struct, frozen=True):
+    ok: bool
+    compared: int
+    divergence: Divergence | None = None
+
+
+# ------------------------------------------------------------- recorded model
+
+
+class RecordedProvider:
+    """Plays back recorded replies (or errors), in order, for one agent."""
+
+    name = "recorded"
+
+    def __init__(
+        self, replies: list[ModelResponse | Error], *, label: str, model: str | None = None
+    ) -> None:
+        self.label = label
+        self.model = model
+        self._replies = deque(replies)
+        self._served = 0
+        self._lock = threading.Lock()
+
+    def skip(self, count: int) -> None:
+        """Resuming agents skip what is on record; a re-drive starts from the start."""
+
+    def stream(self, request: ModelRequest, *, deadline: float | None = None) -> Iterator[Delta]:
+        with self._lock:
+            if not self._replies:
+                raise ReplayMissing(
+                    f"{self.label}: no recorded reply for model call #{self._served + 1} "
+                    "(the log has fewer calls)"
+                )
+            reply = self._replies.popleft()
+            self._served += 1
+        if isinstance(reply, Error):
+            raise _replayed_error(reply)
+        yield from response_deltas(reply)
+
+    def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
+        assembler = Assembler()
+        for delta in self.stream(request, deadline=deadline):
+            assembler.feed(delta)
+        return assembler.response()
+
+
+def _replayed_error(error: Error) -> ProviderError:
+    exc = ProviderError(error.message)
+    exc.kind = error.kind
+    exc.retryable = error.retryable
+    return exc
+
+
+def response_deltas(reply: ModelResponse) -> Iterator[Delta]:
+    """A recorded reply as the deltas a provider would stream."""
+    index = 0
+    for block in reply.content:
+        match block:
+            case ToolCallBlock():
+                yield ToolCallStart(index=index, id=block.id, name=block.name)
+                yield ToolCallComplete(index=index, call=block)
+                index += 1
+            case TextBlock():
+                yield TextDelta(text=block.text)
+            case ReasoningBlock():
+                yield ReasoningDelta(text=block.text, signature=block.signature)
+    yield UsageDelta(usage=reply.usage)
+    yield Finished(stop_reason=reply.stop_reason, model=reply.model)
+
+
+# ------------------------------------------------------------ recorded tools
+
+
+class RecordedTools(ToolRegistry):
+    """The same tools; results of the ones that are not idempotent come from the log."""
+
+    def __init__(
+        self, tools: ToolRegistry, results: dict[tuple[str, str], ToolExecutionEnd]
+    ) -> None:
+        super().__init__(tools)
+        self._results = results
+
+    def execute(
+        self,
+        call: ToolCallBlock,
+        *,
+        context: ToolContext | None = None,
+        deadline: float | None = None,
+        arguments_override: Mapping[str, Any] | None = None,
+    ) -> ToolOutcome:
+        tool = self.get(call.name)
+        if tool is not None and tool.idempotent:
+            return super().execute(
+                call, context=context, deadline=deadline, arguments_override=arguments_override
+            )
+        stream = context.stream if context is not None else ""
+        recorded = self._results.get((stream, call.id))
+        if recorded is None:
+            return ToolOutcome(
+                content=f"no recorded result for {call.name} ({call.id})", is_error=True, attempts=0
+            )
+        return ToolOutcome(
+            content=recorded.content,
+            is_error=recorded.is_error,
+            attempts=recorded.attempts,
+            duration_ms=recorded.duration_ms,
+        )
+
+
+# --------------------------------------------------------------- collecting
+
+
+class _Recording:
+    """What a stream and its loops recorded, sorted for playback."""
+
+    def __init__(self, log: LogBase, stream: str) -> None:
+        self.log = log
+        self.stream = stream
+        self.streams = [stream] + [h.stream for h in log.streams() if h.parent == stream]
+        self.events = {s: list(log.read(s)) for s in self.streams}
+
+    def tool_results(self) -> dict[tuple[str, str], ToolExecutionEnd]:
+        return {
+            (s, r.event.call_id): r.event
+            for s, records in self.events.items()
+            for r in records
+            if isinstance(r.event, ToolExecutionEnd)
+        }
+
+    def loop_replies(self, streams: list[str]) -> list[ModelResponse | Error]:
+        out: list[ModelResponse | Error] = []
+        for s in streams:
+            for r in self.events.get(s, []):
+                if isinstance(r.event, LlmResponse):
+                    e = r.event
+                    out.append(
+                        ModelResponse(
+                            content=e.content,
+                            usage=e.usage,
+                            stop_reason=e.stop_reason,
+                            model=e.model,
+                        )
+                    )
+                elif isinstance(r.event, LoopFailed) and r.event.error.kind != "max_depth":
+                    out.append(r.event.error)
+        return out
+
+    def loop_model(self, streams: list[str]) -> str | None:
+        """The model the loops recorded (what LoopStarted says), for a faithful replay."""
+        for s in streams:
+            for r in self.events.get(s, [])[:1]:
+                if isinstance(r.event, LoopStarted):
+                    return r.event.model
+        return None
+
+    def participant_replies(self, name: str) -> list[ModelResponse | Error]:
+        out: list[ModelResponse | Error] = []
+        for r in self.events[self.stream]:
+            e = r.event
+            if isinstance(e, DialogueMessage) and e.origin == "agent" and e.speaker.name == name:
+                out.append(
+                    ModelResponse(content=_text(e.content), usage=e.usage or Usage(), model=e.model)
+                )
+            elif isinstance(e, ParticipantFailed) and e.participant == name:
+                out.append(e.error)
+        return out
+
+    def participant_loops(self, name: str) -> list[str]:
+        prefix = loop_stream_id(self.stream, name, 0)[:-1]
+        return sorted(
+            (s for s in self.streams if s.startswith(prefix)),
+            key=lambda s: int(s[len(prefix) :] or 0),
+        )
+
+    def moderator_replies(self) -> list[ModelResponse | Error]:
+        out: list[ModelResponse | Error] = []
+        for r in self.events[self.stream]:
+            if isinstance(r.event, TurnStarted):
+                e = r.event
+                choice = {"mode": e.mode, "order": e.order, "names": list(e.speakers)}
+                out.append(ModelResponse(content=_text(msgspec.json.encode(choice).decode())))
+        return out
+
+
+def _text(text: str) -> tuple[ContentBlock, ...]:
+    return (TextBlock(text=text),) if text else ()
+
+
+def _live(spec: AgentSpec) -> bool:
+    return spec.kind != "scripted"
+
+
+# ------------------------------------------------------------------ running
+
+
+def redrive(scenario: Scenario | LoopScenario, log: LogBase, stream: str) -> RedriveReport:
+    """Run ``scenario`` again against ``stream``'s recording and compare.
+
+    The original log is only read. Returns a report whose ``divergence`` says where the
+    new run first differs.
+    """
+    recording = _Recording(log, stream)
+    scratch = MemoryEventLog()
+    try:
+        if isinstance(scenario, LoopScenario):
+            _run_loop(scenario, recording, scratch)
+        else:
+            _run_dialogue(scenario, recording, scratch)
+        return compare(log, scratch, stream)
+    finally:
+        scratch.close()
+
+
+def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -> None:
+    results = recording.tool_results()
+
+    def make(spec: AgentSpec) -> Agent:
+        tools = spec.tools()
+        replay_tools = RecordedTools(tools, results) if tools is not None else None
+        if not _live(spec):
+            return spec.build(scratch, tools=replay_tools)
+        name = str(spec.table.get("name", ""))
+        if spec is scenario.moderator:
+            replies = recording.moderator_replies()
+        model = None
+        if spec is scenario.moderator:
+            pass
+        elif tools is not None:
+            loops = recording.participant_loops(name)
+            replies, model = recording.loop_replies(loops), recording.loop_model(loops)
+        else:
+            replies = recording.participant_replies(name)
+        provider = RecordedProvider(replies, label=name, model=model)
+        return spec.build(scratch, provider=provider, tools=replay_tools)
+
+    run_dialogue(scenario, scratch, stream=recording.stream, make_agent=make)
+
+
+def _run_loop(scenario: LoopScenario, recording: _Recording, scratch: LogBase) -> None:
+    spec = scenario.agent
+    tools = RecordedTools(spec.tools() or ToolRegistry(), recording.tool_results())
+    provider = None
+    if _live(spec):
+        provider = RecordedProvider(
+            recording.loop_replies([recording.stream]),
+            label="loop",
+            model=recording.loop_model([recording.stream]),
+        )
+    outcome = run_loop(scenario, scratch, stream=recording.stream, provider=provider, tools=tools)
+    assert isinstance(outcome, Failed) or outcome.stream == recording.stream
+
+
+# ---------------------------------------------------------------- comparing
+
+
+def compare(log: LogBase, new: LogBase, stream: str) -> RedriveReport:
+    """Compare ``stream`` and its loops in ``log`` with the same streams in ``new``.
+
+    Each stream is compared on its own; of their first differences, the one earliest
+    in the log is reported (a difference past the end of the log comes last).
+    """
+    compared = 0
+    children = {h.stream for h in log.streams() if h.parent == stream}
+    children |= {h.stream for h in new.streams() if h.parent == stream}
+    found: list[Divergence] = []
+    for s in [stream, *sorted(children)]:
+        old_groups = _groups(list(log.read(s)))
+        new_groups = _groups(list(new.read(s)))
+        for i in range(max(len(old_groups), len(new_groups))):
+            old = old_groups[i] if i < len(old_groups) else []
+            fresh = new_groups[i] if i < len(new_groups) else []
+            divergence = _first_difference(s, old, fresh)
+            if divergence is not None:
+                found.append(divergence)
+                break
+            compared += len(old)
+    if not found:
+        return RedriveReport(ok=True, compared=compared)
+    first = min(found, key=lambda d: (d.position is None, d.position or 0))
+    return RedriveReport(ok=False, compared=compared, divergence=first)
+
+
+Group = list[tuple[int, Any]]  # (position, canonical form)
+
+
+def _groups(records: list[Any]) -> list[Group]:
+    """Events in comparable groups: a dialogue turn's concurrent part, a loop's tool round."""
+    groups: list[Group] = []
+    current: Group = []
+    concurrent = False
+    for record in records:
+        event = record.event
+        opens = isinstance(event, TurnStarted | ToolExecutionStart)
+        closes = isinstance(event, TurnCompleted | LlmResponse | Done | LoopFailed)
+        if opens and not concurrent:
+            groups.append(current)
+            current, concurrent = [], True
+        elif closes and concurrent:
+            groups.append(current)
+            current, concurrent = [], False
+        current.append((record.position, _canonical(event, records)))
+    groups.append(current)
+    return [g for g in groups if g]
+
+
+_VOLATILE = {"latency_ms", "duration_ms", "completion_index", "type"}
+
+
+def _canonical(event: Event, records: list[Any]) -> Any:
+    """What must match: the event without timings, its payload by content not seq."""
+    body = msgspec.to_builtins(event)
+    for key in _VOLATILE:
+        body.pop(key, None)
+    if isinstance(event, PayloadDelivered):
+        by_seq = {r.seq: r.event for r in records}
+        body["messages"] = sorted(
+            (m.turn, m.speaker.name, m.content)
+            for m in (by_seq[s] for s in event.messages)
+            if isinstance(m, DialogueMessage)
+        )
+    if isinstance(event, TurnCompleted):  # in completion order, which may differ
+        body["yielded"] = sorted(body.get("yielded", ()))
+        body["failed"] = sorted(body.get("failed", ()))
+    return [type(event).__name__, body]
+
+
+def _first_difference(stream: str, old: Group, new: Group) -> Divergence | None:
+    """The first event of ``old`` (in log order) that ``new`` lacks, or an extra one."""
+    unmatched_new = [item for _, item in new]
+    for position, item in old:
+        key = _key(item)
+        match = next((i for i, n in enumerate(unmatched_new) if _key(n) == key), None)
+        if match is not None:
+            unmatched_new.pop(match)
+            continue
+        actual = _closest(item, unmatched_new)
+        return Divergence(
+            stream=stream,
+            position=position,
+            expected=key,
+            actual=_key(actual) if actual is not None else "(nothing)",
+        )
+    if unmatched_new:
+        return Divergence(
+            stream=stream,
+            position=None,
+            expected="(nothing: the log ends)",
+            actual=_key(unmatched_new[0]),
+        )
+    return None
+
+
+def _key(item: Any) -> str:
+    return msgspec.json.encode(item, order="sorted").decode()
+
+
+def _closest(item: Any, candidates: list[Any]) -> Any:
+    """The new event most like the expected one: same type, same speaker/call if any."""
+    kind, body = item
+    same = [c for c in candidates if c[0] == kind]
+    for field in ("participant", "call_id", "speaker", "iteration"):
+        narrowed = [c for c in same if c[1].get(field) == body.get(field)]
+        if narrowed:
+            same = narrowed
+    if same:
+        return same[0]
+    return candidates[0] if candidates else None

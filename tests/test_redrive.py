@@ -1,0 +1,175 @@
+"""Re-drive: a scenario run again against its recording reproduces it, or says where not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moot.actors._model import ModelRequest, ModelResponse, call_model
+from moot.actors._redrive import RecordedProvider, ReplayMissing, redrive
+from moot.actors._scenario import load_scenario, run_dialogue, run_loop
+from moot.events import DialogueMessage, ToolExecutionEnd
+from moot.store import EventLog
+from tests import fake_live
+
+MOOT = str(Path(sys.executable).parent / "moot")
+ROOT = Path(__file__).resolve().parent.parent
+
+MIXED = """
+[dialogue]
+mode = "broadcast"
+id = "mixed"
+turns = ["Look up colour.", "And again."]
+
+[[participant]]
+name = "looker"
+agent = "scripted"
+tools = ["tests.loop_tools:lookup", "tests.loop_tools:add"]
+replies = [
+  {{ tool_calls = [{{ name = "lookup", arguments = {{ key = "colour" }} }}] }},
+  {{ text = "{first}" }},
+  {{ tool_calls = [{{ name = "add", arguments = {{ a = 1, b = 2 }} }}] }},
+  {{ text = "three" }},
+]
+
+[[participant]]
+name = "talker"
+agent = "scripted"
+replies = ["hello", "again"]
+"""
+
+
+def moot(
+    db: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MOOT, "--db", str(db), *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def recorded(tmp_path: Path, text: str) -> tuple[Path, Path]:
+    scenario, db = tmp_path / "s.toml", tmp_path / "moot.db"
+    scenario.write_text(text)
+    result = moot(db, "run", str(scenario))
+    assert result.returncode == 0, result.stderr
+    return scenario, db
+
+
+def test_a_recorded_dialogue_with_a_tool_loop_redrives_cleanly(tmp_path: Path) -> None:
+    scenario, db = recorded(tmp_path, MIXED.format(first="blue"))
+    result = moot(db, "redrive", "mixed", str(scenario))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.startswith("reproduced ") and "of mixed" in result.stdout
+    with EventLog(db, readonly=True) as log:  # the same from Python
+        report = redrive(load_scenario(scenario), log, "mixed")  # type: ignore[arg-type]
+        assert report.ok and report.divergence is None and report.compared > 20
+
+
+def test_a_changed_scripted_reply_diverges_at_its_position(tmp_path: Path) -> None:
+    _scenario, db = recorded(tmp_path, MIXED.format(first="blue"))
+    changed = tmp_path / "changed.toml"
+    changed.write_text(MIXED.format(first="green"))
+    with EventLog(db, readonly=True) as log:
+        report = redrive(load_scenario(changed), log, "mixed")  # type: ignore[arg-type]
+        assert not report.ok and report.divergence is not None
+        d = report.divergence
+        at = next(r for r in log.read_all() if r.position == d.position)
+    assert d.stream == "mixed/looker/t1" and '"blue"' in d.expected and '"green"' in d.actual
+    assert at.stream == "mixed/looker/t1" and at.type == "LlmResponse"
+    result = moot(db, "redrive", "mixed", str(changed))
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0] == f"diverged at position {d.position} in mixed/looker/t1"
+
+
+def test_a_changed_tool_result_diverges_at_its_position(tmp_path: Path) -> None:
+    scenario, db = recorded(tmp_path, MIXED.format(first="blue"))
+    env = {**os.environ, "MOOT_TEST_LOOKUP": "v2"}  # the (idempotent) tool now answers v2
+    result = moot(db, "redrive", "mixed", str(scenario), env=env)
+    assert result.returncode == 1
+    with EventLog(db, readonly=True) as log:
+        end = next(
+            r
+            for r in log.read_all()
+            if isinstance(r.event, ToolExecutionEnd) and r.event.tool_name == "lookup"
+        )
+    assert result.stdout.splitlines()[0] == f"diverged at position {end.position} in {end.stream}"
+    assert "colour=v1" in result.stdout and "colour=v2" in result.stdout
+
+
+LIVE = """
+[dialogue]
+id = "live"
+turns = ["same", "same"{extra}]
+
+[[participant]]
+name = "oracle"
+agent = "tests.fake_live:provider"
+history_turns = 0
+"""
+
+
+def test_identical_prompts_are_served_in_recorded_order_and_nothing_live_is_called(
+    tmp_path: Path,
+) -> None:
+    scenario = tmp_path / "live.toml"
+    scenario.write_text(LIVE.format(extra=""))
+    with EventLog(tmp_path / "m.db") as log:
+        run_dialogue(load_scenario(scenario), log)  # type: ignore[arg-type]
+        replies = [
+            r.event.content
+            for r in log.read("live")
+            if isinstance(r.event, DialogueMessage) and r.event.origin == "agent"
+        ]
+        assert replies == ["answer 1", "answer 2"]
+        first, second = fake_live.CALLS[-2:]
+        assert first == second  # the very same request, answered differently
+        calls_before = len(fake_live.CALLS)
+        report = redrive(load_scenario(scenario), log, "live")  # type: ignore[arg-type]
+        assert report.ok, report
+        assert len(fake_live.CALLS) == calls_before  # never a live call
+
+        scenario.write_text(LIVE.format(extra=', "one more"'))
+        report = redrive(load_scenario(scenario), log, "live")  # type: ignore[arg-type]
+        assert not report.ok and report.divergence is not None
+        closed = log.stream_info("live").last_position  # the log closed the dialogue...
+        assert report.divergence.position == closed
+        assert "one more" in report.divergence.actual  # ...where the new run went on
+        assert len(fake_live.CALLS) == calls_before
+
+
+def test_the_recorded_provider_fails_loudly_when_asked_for_more() -> None:
+    provider = RecordedProvider([ModelResponse(content=())], label="x")
+    request = ModelRequest(messages=())
+    call_model(provider, request)
+    with pytest.raises(ReplayMissing, match="no recorded reply for model call #2"):
+        call_model(provider, request)
+
+
+LOOP = """
+[loop]
+id = "sum"
+prompt = "1 + 2?"
+agent = "tests.fake_live:provider"
+tools = ["tests.loop_tools:add"]
+"""
+
+
+def test_a_loop_with_a_live_model_redrives(tmp_path: Path) -> None:
+    scenario = tmp_path / "loop.toml"
+    scenario.write_text(LOOP)
+    with EventLog(tmp_path / "m.db") as log:
+        outcome = run_loop(load_scenario(scenario), log)  # type: ignore[arg-type]
+        assert outcome.text == "answer 1"  # type: ignore[union-attr]
+        calls_before = len(fake_live.CALLS)
+        report = redrive(load_scenario(scenario), log, "sum")  # type: ignore[arg-type]
+        assert report.ok, report
+        assert len(fake_live.CALLS) == calls_before
