@@ -229,3 +229,22 @@ def test_bad_loop_scenarios(tmp_path: Path) -> None:
         assert result.returncode == 2, (name, result.stderr)
         assert reason in result.stderr and len(result.stderr.strip().splitlines()) == 1, name
         assert not (tmp_path / "x.db").exists()
+
+
+def test_the_calculator_example_waits_for_its_approvals(tmp_path: Path) -> None:
+    db = tmp_path / "moot.db"
+    proc = start(db, "run", str(ROOT / "examples" / "calculator.toml"))
+    assert proc.stdout is not None
+    stream = proc.stdout.readline().split()[1]
+    waiting: list[str] = []
+    while len(waiting) < 2:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        if line.startswith("awaiting approval: "):
+            waiting.append(line.split()[2])
+    for call_id in waiting:
+        assert moot(db, "approve", stream, call_id).returncode == 0
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "answer: 3 apples and 2 pears cost 3.00." in out
+    assert "iteration 2  multiply" in out

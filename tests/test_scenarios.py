@@ -128,7 +128,7 @@ def test_run_prints_turns_and_the_stream(tmp_path: Path) -> None:
     assert again.returncode == 2 and "expected last seq 0" in again.stderr
 
 
-@pytest.mark.parametrize("name", ["debate", "review_chain", "late_joiner"])
+@pytest.mark.parametrize("name", ["debate", "review_chain", "late_joiner", "tool_participant"])
 def test_examples_run(tmp_path: Path, name: str) -> None:
     result = moot(tmp_path / "m.db", "run", str(ROOT / "examples" / f"{name}.toml"))
     assert result.returncode == 0, result.stderr
