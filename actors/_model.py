@@ -26,7 +26,7 @@ from moot.events import (
 from ._errors import MalformedResponseError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
     "Assembler",
@@ -42,6 +42,7 @@ __all__ = [
     "ToolCallDelta",
     "ToolCallStart",
     "UsageDelta",
+    "assemble",
     "call_model",
 ]
 
@@ -281,6 +282,14 @@ class Provider(Protocol):
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
         """The whole reply at once (a non-streaming request where the API has one)."""
         ...
+
+
+def assemble(deltas: Iterable[Delta], *, latency_ms: float | None = None) -> ModelResponse:
+    """The whole reply from a sequence of deltas (the non-streaming form of a stream)."""
+    assembler = Assembler()
+    for delta in deltas:
+        assembler.feed(delta)
+    return assembler.response(latency_ms=latency_ms)
 
 
 def call_model(

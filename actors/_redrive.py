@@ -52,7 +52,6 @@ from ._errors import ProviderError
 from ._loop import Failed
 from ._loop_agent import loop_stream_id
 from ._model import (
-    Assembler,
     Delta,
     Finished,
     ModelRequest,
@@ -62,6 +61,7 @@ from ._model import (
     ToolCallComplete,
     ToolCallStart,
     UsageDelta,
+    assemble,
 )
 from ._scenario import AgentSpec, LoopScenario, Scenario, run_dialogue, run_loop
 from ._tools import ToolContext, ToolOutcome, ToolRegistry
@@ -140,10 +140,7 @@ class RecordedProvider:
         yield from response_deltas(reply)
 
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
-        assembler = Assembler()
-        for delta in self.stream(request, deadline=deadline):
-            assembler.feed(delta)
-        return assembler.response()
+        return assemble(self.stream(request, deadline=deadline))
 
 
 def _replayed_error(error: Error) -> ProviderError:

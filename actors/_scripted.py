@@ -18,7 +18,6 @@ from moot.events import ToolCallBlock, Usage
 
 from ._errors import ConfigurationError, ProviderTimeout, ScriptError
 from ._model import (
-    Assembler,
     Delta,
     Finished,
     ModelRequest,
@@ -28,6 +27,7 @@ from ._model import (
     ToolCallComplete,
     ToolCallStart,
     UsageDelta,
+    assemble,
 )
 
 if TYPE_CHECKING:
@@ -155,10 +155,7 @@ class ScriptedProvider:
         yield from _deltas(index, reply, request)
 
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
-        assembler = Assembler()
-        for delta in self.stream(request, deadline=deadline):
-            assembler.feed(delta)
-        return assembler.response()
+        return assemble(self.stream(request, deadline=deadline))
 
     def _wait(self, seconds: float, deadline: float | None) -> None:
         if deadline is not None and time.monotonic() + seconds > deadline:

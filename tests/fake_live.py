@@ -12,7 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from moot.actors import Finished, ModelRequest, ModelResponse, TextDelta, UsageDelta
-from moot.actors._model import Assembler, Delta
+from moot.actors._model import Delta, assemble
 from moot.events import Usage
 
 if TYPE_CHECKING:
@@ -39,10 +39,7 @@ class CountingProvider:
         yield Finished(model="counting-1")
 
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
-        assembler = Assembler()
-        for delta in self.stream(request, deadline=deadline):
-            assembler.feed(delta)
-        return assembler.response()
+        return assemble(self.stream(request, deadline=deadline))
 
 
 def provider(table: dict[str, Any]) -> CountingProvider:
