@@ -127,6 +127,9 @@ class Coordinator(pykka.ThreadingActor):
         self._run: _Run | None = None
         #: Participants to start once the staged payloads are committed.
         self._after_commit: list[tuple[pykka.ActorRef[Any], Payload]] = []
+        #: The context as every participant is told it (fixed when the dialogue starts).
+        self._context = render_context(state.context)
+        self._roster: tuple[int, tuple[ParticipantInfo, ...]] = (-1, ())
         self._queued: collections.deque[Callable[[], None]] = collections.deque()
         self.closed = threading.Event()
 
@@ -302,15 +305,23 @@ class Coordinator(pykka.ThreadingActor):
         return "\n".join([m.content for m in inputs] + replies)
 
     def _deliver(self, run: _Run, names: list[str]) -> None:
-        """Stage the payloads of ``names``; they run once the payloads are committed."""
-        for name in names:
-            payload = self._payload(name, run.turn)
-            seq = self._stage(
-                [PayloadDelivered(turn=run.turn, participant=name, messages=payload.seqs)]
-            )
-            payload = msgspec.structs.replace(payload, delivered_seq=seq)
+        """Stage the payloads of ``names``; they run once the payloads are committed.
+
+        A payload depends only on its own participant's deliveries, so all of them are
+        built first and staged together.
+        """
+        payloads = [self._payload(name, run.turn) for name in names]
+        first = self._stage(
+            [
+                PayloadDelivered(turn=run.turn, participant=p.participant.name, messages=p.seqs)
+                for p in payloads
+            ]
+        )
+        for offset, payload in enumerate(payloads):
+            name = payload.participant.name
             run.running.add(name)
-            self._after_commit.append((self._actors[name], payload))
+            recorded = msgspec.structs.replace(payload, delivered_seq=first + offset)
+            self._after_commit.append((self._actors[name], recorded))
 
     def _next_in_chain(self, run: _Run) -> None:
         while run.waiting:
@@ -328,14 +339,16 @@ class Coordinator(pykka.ThreadingActor):
             if strategy is not None and strategy.kind != "fresh":
                 new = sorted(set(new) | set(self._history(name, strategy, turn)))
             seqs = tuple(new)
+        if self._roster[0] != state.seq:  # the same tuple for every payload of a turn
+            self._roster = (state.seq, tuple(state.participants.values()))
         return Payload(
             stream=self.stream,
             turn=turn,
             participant=state.participants[name],
-            participants=tuple(state.participants.values()),
+            participants=self._roster[1],
             messages=self._messages(seqs),
             seqs=seqs,
-            context=render_context(state.context),
+            context=self._context,
         )
 
     def _history(self, name: str, strategy: JoiningStrategy, turn: int) -> list[int]:

@@ -34,6 +34,7 @@ from moot.events import (
 )
 
 from ._agents import Agent, AgentMemory
+from ._context import render_context
 from ._coordinator import MODERATOR, Coordinator, StartTurn
 from ._decide import REACTIONS, validate_order
 from ._errors import DialogueError
@@ -167,6 +168,7 @@ class Dialogue:
             raise DialogueError("a moderator dialogue needs a moderator agent")
         if reaction is not None and reaction not in REACTIONS:
             raise DialogueError(f"unknown reaction strategy {reaction!r}")
+        render_context(context)  # an unknown talk style fails here, before anything is recorded
         stream = stream or new_stream_id()
         started = DialogueStarted(
             mode=mode,  # type: ignore[arg-type]

@@ -293,6 +293,7 @@ class _Engine:
         self.pending_warning: str | None = None
         self.calls_executed = 0
         self.last_results: tuple[ToolResultBlock, ...] = ()
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def state(self) -> LoopState:
@@ -363,7 +364,9 @@ class _Engine:
             return self._fail(exc)
         calls = self._unique_ids(response.tool_calls)
         content = _with_calls(response.content, calls)
-        self.journal.append(
+        # Staged, not yet committed: it goes to the log with what follows from it (the
+        # decisions, the tool starts, or Done) in one commit, before any tool runs.
+        self.journal.stage(
             [
                 LlmResponse(
                     iteration=state.iteration,
@@ -375,7 +378,10 @@ class _Engine:
                 )
             ]
         )
-        return self._decide(msgspec.structs.replace(response, content=content), calls)
+        try:
+            return self._decide(msgspec.structs.replace(response, content=content), calls)
+        except Exception as exc:  # noqa: BLE001  a hook that raises ends the loop, on record
+            return self._fail(exc)
 
     def _decide(self, response: ModelResponse, calls: list[ToolCallBlock]) -> LoopTurn:
         stop = self._stop_wanted(response)
@@ -473,27 +479,43 @@ class _Engine:
                     )
                     continue
             todo.append((call, arguments))
-        if interrupted:
-            self.journal.append(interrupted)
         fresh = [
             ToolExecutionStart(call_id=c.id, tool_name=c.name, arguments=a)
             for c, a in todo
             if c.id not in state.running
         ]
-        if fresh:
-            self.journal.append(fresh)
+        self.journal.stage([*interrupted, *fresh])
+        self.journal.commit()  # write-ahead: every start is on record before a tool runs
         if self.config.parallel_tool_execution and len(todo) > 1:
-            with concurrent.futures.ThreadPoolExecutor(len(todo), "moot-tool") as pool:
-                futures = [pool.submit(self._run_tool, c, a) for c, a in todo]
-                for f in futures:
-                    f.result()
+            self._run_parallel(todo)
         else:
             for call, arguments in todo:
-                self._run_tool(call, arguments)
+                self.journal.append([self._run_tool(call, arguments)])
         return self._end_round(calls)
 
-    def _run_tool(self, call: ToolCallBlock, arguments: dict[str, Any]) -> None:
-        """Run one call and append its end as soon as it ends (any thread)."""
+    def _run_parallel(self, todo: list[tuple[ToolCallBlock, dict[str, Any]]]) -> None:
+        """Run the calls at once; record each end as it comes, the ones that came
+        together in one append (one commit instead of one per tool)."""
+        pending = {self._pool().submit(self._run_tool, call, args) for call, args in todo}
+        while pending:
+            done, pending = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            self.journal.append([f.result() for f in done])
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """One pool for the loop's lifetime: starting threads per round costs milliseconds."""
+        if self.pool is None:
+            self.pool = concurrent.futures.ThreadPoolExecutor(32, f"moot-tools-{self.stream}")
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+            self.pool = None
+
+    def _run_tool(self, call: ToolCallBlock, arguments: dict[str, Any]) -> ToolExecutionEnd:
+        """Run one call (in any thread); returns the event recording how it ended."""
         context = ToolContext(
             stream=self.stream,
             call_id=call.id,
@@ -505,17 +527,13 @@ class _Engine:
             call, context=context, deadline=self.deadline, arguments_override=arguments
         )
         content = outcome.content if outcome.is_error else self._process(call.name, outcome.content)
-        self.journal.append(
-            [
-                ToolExecutionEnd(
-                    call_id=call.id,
-                    tool_name=call.name,
-                    content=content,
-                    is_error=outcome.is_error,
-                    duration_ms=outcome.duration_ms,
-                    attempts=outcome.attempts,
-                )
-            ]
+        return ToolExecutionEnd(
+            call_id=call.id,
+            tool_name=call.name,
+            content=content,
+            is_error=outcome.is_error,
+            duration_ms=outcome.duration_ms,
+            attempts=outcome.attempts,
         )
 
     def _process(self, tool: str, content: str) -> str:
@@ -724,6 +742,9 @@ class _LoopActor(pykka.ThreadingActor):
     def __init__(self, engine: _Engine) -> None:
         super().__init__()
         self.engine = engine
+
+    def on_stop(self) -> None:
+        self.engine.close()
 
     def on_receive(self, message: Any) -> Any:
         engine = self.engine

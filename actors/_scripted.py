@@ -7,6 +7,7 @@ order and never repeated: when they run out, the call fails with a clear error.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -111,8 +112,9 @@ class ScriptedProvider:
         self._next = 0
         #: Calls made through this object (not counting skipped ones).
         self.calls = 0
-        #: The requests received, in order (what the model was shown).
-        self.requests: list[ModelRequest] = []
+        #: The last requests received, in order (what the model was shown); bounded, so
+        #: a long scripted session does not keep every prompt in memory.
+        self.requests: collections.deque[ModelRequest] = collections.deque(maxlen=100)
         self._cancel = threading.Event()
 
     def __repr__(self) -> str:

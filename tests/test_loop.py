@@ -577,3 +577,15 @@ def test_costs_from_a_pricing_table(log: LogBase) -> None:
     usage = result.usage
     assert result.cost(pricing) == (usage.input_tokens + 2 * usage.output_tokens) / 1e6
     assert Pricing().cost("x", Usage(input_tokens=5)) == 0
+
+
+def test_a_hook_that_raises_ends_the_loop_on_record(log: LogBase) -> None:
+    def broken(ctx: StopContext) -> bool:
+        raise ValueError("bad hook")
+
+    run = Run(log, [calls(ADD), text("never")], stop_when=broken)
+    turn = run.turn()
+    assert isinstance(turn, Failed) and turn.error.message == "bad hook"
+    kinds = [type(e).__name__ for e in run.events()]
+    assert kinds[-2:] == ["LlmResponse", "LoopFailed"]  # the response is on record too
+    assert run.state() == run.replay()
