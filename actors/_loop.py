@@ -895,6 +895,29 @@ class ToolLoop:
         return ToolLoop._spawn(log, stream, provider, tools, config, on_delta)
 
     @staticmethod
+    def run(
+        log: LogBase,
+        provider: Provider,
+        tools: ToolRegistry | None = None,
+        *,
+        timeout: float | None = None,
+        **options: Any,
+    ) -> LoopResult:
+        """Fire and forget: start a loop, drive it to its end, stop its actor.
+
+        Takes the arguments of :meth:`start`; waits for approvals like
+        :meth:`ToolLoopHandle.run`.
+
+        Raises:
+            ToolLoopError: the loop failed (its LoopFailed is in the log).
+        """
+        handle = ToolLoop.start(log, provider, tools, **options)
+        try:
+            return handle.run(timeout=timeout)
+        finally:
+            handle.close()
+
+    @staticmethod
     def resume(
         log: LogBase,
         stream: str,

@@ -589,3 +589,15 @@ def test_a_hook_that_raises_ends_the_loop_on_record(log: LogBase) -> None:
     kinds = [type(e).__name__ for e in run.events()]
     assert kinds[-2:] == ["LlmResponse", "LoopFailed"]  # the response is on record too
     assert run.state() == run.replay()
+
+
+def test_the_fire_and_forget_form(log: LogBase) -> None:
+    provider = ScriptedProvider([calls(ADD), text("5")])
+    result = ToolLoop.run(log, provider, ToolRegistry([add]), prompt="2+3?", timeout=T)
+    assert (result.text, result.iterations) == ("5", 2)
+    assert log.stream_info(result.stream).status == "completed"
+    failing = ScriptedProvider([ScriptedReply(error="down")])
+    from moot.actors._errors import ToolLoopError
+
+    with pytest.raises(ToolLoopError, match="down"):
+        ToolLoop.run(log, failing, prompt="x", timeout=T)
