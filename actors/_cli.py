@@ -84,14 +84,14 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
         ]
         click.echo(msgspec.json.encode(rows).decode())
         return
-    from rich.table import Table
+    from ._render import text_table
 
-    table = Table(box=None, header_style="bold")
-    for column in ("stream", "kind", "status", "events", "updated", "parent"):
-        table.add_column(column, justify="right" if column == "events" else "left", no_wrap=True)
-    for h in heads:
-        table.add_row(h.stream, h.kind, h.status, str(h.last_seq), h.updated_at, h.parent or "")
-    _console().print(table)
+    table = [
+        (h.stream, h.kind, h.status, str(h.last_seq), h.updated_at, h.parent or "") for h in heads
+    ]
+    headers = ("stream", "kind", "status", "events", "updated", "parent")
+    for line in text_table(headers, table, right=frozenset({3})):
+        click.echo(line)
 
 
 @cli.command()
@@ -390,8 +390,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         cli.main(
             args=list(argv) if argv is not None else None, prog_name="moot", standalone_mode=False
         )
+        sys.stdout.flush()  # inside the try: a reader that went away is not an error
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except SystemExit:
+        # click turns a reader that went away (``moot events | head``) into exit 1 after
+        # wrapping stdout; that is not a problem the command found.
+        if type(sys.stdout).__name__ == "_PacifyFlushWrapper":
+            sys.exit(0)
+        raise
     except click.exceptions.Abort:
         _fail("aborted", 130)
     except click.ClickException as exc:

@@ -35,13 +35,33 @@ from moot.events import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from rich.console import Console
 
     from moot.store import LogBase, Record, StoredEvent
 
-__all__ = ["event_line", "jsonl_line", "show_stream"]
+__all__ = ["event_line", "jsonl_line", "show_stream", "text_table"]
 
 _json = msgspec.json.Encoder()
+
+
+def text_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: frozenset[int] = frozenset()
+) -> list[str]:
+    """Rows as aligned plain-text lines (a thousand rows in milliseconds, unlike rich)."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    return [line(headers), *(line(row) for row in rows)]
 
 
 def jsonl_line(row: StoredEvent) -> str:

@@ -226,3 +226,20 @@ def test_tail_follow_prints_what_another_process_appends(db: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_reader_that_goes_away_is_not_an_error(db: Path) -> None:
+    with EventLog(db) as log:  # more output than a pipe holds, so the write must fail
+        log.append("d1", [t.message("x" * 200) for _ in range(2000)])
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    writer = subprocess.run(
+        [MOOT, "--db", str(db), "events"],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    assert reader.stdin is not None
+    reader.stdin.close()
+    reader.wait(timeout=10)
+    assert writer.returncode == 0 and writer.stderr == ""
