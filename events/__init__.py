@@ -43,6 +43,7 @@ from ._events import (
 )
 from ._state import (
     MASKED_RESULT,
+    STATUS_EVENTS,
     DialogueState,
     LoopState,
     State,
@@ -73,6 +74,7 @@ __all__ = [
     "CURRENT_VERSIONS",
     "EVENT_TYPES",
     "MASKED_RESULT",
+    "STATUS_EVENTS",
     "ApprovalRequested",
     "ChatMessage",
     "ContentBlock",

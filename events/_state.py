@@ -65,6 +65,7 @@ from ._types import (
 
 __all__ = [
     "MASKED_RESULT",
+    "STATUS_EVENTS",
     "DialogueState",
     "LoopState",
     "State",
@@ -108,6 +109,13 @@ def next_status(current: Status, event: Event) -> Status:
             return "closed"
         case _:
             return "open"
+
+
+#: Event types that can move an ``open`` stream to another status (see next_status);
+#: any other event leaves an ``open`` stream open, so the call can be skipped.
+STATUS_EVENTS: frozenset[type[Event]] = frozenset(
+    (DialogueStarted, LoopStarted, ApprovalRequested, Done, LoopFailed, DialogueClosed)
+)
 
 
 # --------------------------------------------------------------------- dialogue
@@ -247,7 +255,8 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
             s.close_reason = ev.reason
         case _:
             raise TypeError(f"{type(ev).__name__} does not belong in a dialogue stream")
-    s.status = next_status(s.status, ev)
+    if s.status != "open" or type(ev) in STATUS_EVENTS:  # skip the call for the rest
+        s.status = next_status(s.status, ev)
     return s
 
 
@@ -375,7 +384,8 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
             s.error = ev.error
         case _:
             raise TypeError(f"{type(ev).__name__} does not belong in a loop stream")
-    s.status = next_status(s.status, ev)
+    if s.status != "open" or type(ev) in STATUS_EVENTS:
+        s.status = next_status(s.status, ev)
     return s
 
 

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 from moot.events import (
+    STATUS_EVENTS,
     DialogueEvent,
     DialogueStarted,
     Event,
@@ -55,10 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["LogBase", "Subscription", "Transaction"]
 
 _DIALOGUE_TYPES = frozenset(cls.__name__ for cls in typing.get_args(DialogueEvent))
-#: Event types that can change a stream's status (any event ends ``awaiting``).
-_STATUS_TYPES = frozenset(
-    ("DialogueStarted", "LoopStarted", "ApprovalRequested", "Done", "LoopFailed", "DialogueClosed")
-)
+
 _PAGE = 1000
 #: Commits a leader may do in a row before handing the lead to a waiting caller.
 _ROUNDS = 4
@@ -89,7 +87,13 @@ class _Append:
             data = encode_event(event)
             name = type(event).__name__
             self.prepared.append(
-                (name, event.version, data.decode(), body_hasher(key, data), name in _STATUS_TYPES)
+                (
+                    name,
+                    event.version,
+                    data.decode(),
+                    body_hasher(key, data),
+                    type(event) in STATUS_EVENTS,
+                )
             )
         self.expected = expected
         self.result = 0
