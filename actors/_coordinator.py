@@ -15,7 +15,7 @@ finishing together cost a few commits.
 from __future__ import annotations
 
 import collections
-import threading
+import concurrent.futures
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -25,6 +25,7 @@ from moot.events import (
     DialogueClosed,
     DialogueMessage,
     DialogueState,
+    Error,
     Event,
     JoiningStrategy,
     ParticipantFailed,
@@ -130,8 +131,9 @@ class Coordinator(pykka.ThreadingActor):
         #: The context as every participant is told it (fixed when the dialogue starts).
         self._context = render_context(state.context)
         self._roster: tuple[int, tuple[ParticipantInfo, ...]] = (-1, ())
-        self._queued: collections.deque[Callable[[], None]] = collections.deque()
-        self.closed = threading.Event()
+        self._queued: collections.deque[
+            tuple[Callable[[], None], concurrent.futures.Future[None], Channel | None]
+        ] = collections.deque()
 
     # ------------------------------------------------------------- lifecycle
 
@@ -172,16 +174,15 @@ class Coordinator(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         match message:
             case _Flush():
-                self._drain()
+                self._guarded(self._drain)
             case StartTurn():
-                self._when_idle(lambda: self._start(message))
+                self._when_idle(lambda: self._start(message), message.channel)
             case ("join", ParticipantInfo() as info, JoiningStrategy() as strategy, agent):
-                self._when_idle(lambda: self._join(info, strategy, agent))
+                return self._when_idle(lambda: self._join(info, strategy, agent))
             case ("remove", str(name)):
-                self._when_idle(lambda: self._remove(name))
+                return self._when_idle(lambda: self._remove(name))
             case ("close", str(reason)):
-                self._when_idle(lambda: self._close(reason))
-                return self.closed
+                return self._when_idle(lambda: self._close(reason))
             case "state":
                 return msgspec.convert(msgspec.to_builtins(self.state), DialogueState)
             case "busy":
@@ -190,14 +191,43 @@ class Coordinator(pykka.ThreadingActor):
                 raise DialogueError(f"coordinator got an unknown message {message!r}")
         return None
 
-    def _when_idle(self, action: Callable[[], None]) -> None:
-        """Run now if no turn is in progress, else once it ends (turns never overlap)."""
-        self._queued.append(action)
+    def _when_idle(
+        self, action: Callable[[], None], channel: Channel | None = None
+    ) -> concurrent.futures.Future[None]:
+        """Run ``action`` now if no turn is in progress, else once it ends (turns never
+        overlap). The future tells the caller how it went, whenever that is."""
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._queued.append((action, future, channel))
         self._run_queued()
+        return future
 
     def _run_queued(self) -> None:
         while self._run is None and self._queued:
-            self._queued.popleft()()
+            action, future, channel = self._queued.popleft()
+            try:
+                action()
+            except Exception as exc:  # noqa: BLE001  routed to whoever asked
+                self._abort(exc, channel)
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step of a turn; if it fails, fail the turn rather than the coordinator."""
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001  routed to the turn's session
+            self._abort(exc, None)
+            self._run_queued()
+
+    def _abort(self, exc: BaseException, channel: Channel | None) -> None:
+        """Give up the turn in progress: nothing staged is kept, nobody is started, and
+        the session hears why. The state is the log's (reloaded by the journal)."""
+        self.journal.discard()
+        self._after_commit.clear()
+        run, self._run = self._run, None
+        for target in {id(c): c for c in (channel, run.channel if run else None) if c}.values():
+            target.failed(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
 
     # ---------------------------------------------------------- membership
 
@@ -223,7 +253,6 @@ class Coordinator(pykka.ThreadingActor):
         if self.state.status != "closed":
             self._stage([DialogueClosed(reason=reason)])
             self._commit()
-        self.closed.set()
 
     def _turn(self) -> int:
         return max(self.state.current.turn, self.state.input_turn)
@@ -231,18 +260,12 @@ class Coordinator(pykka.ThreadingActor):
     # ---------------------------------------------------------------- turns
 
     def _start(self, command: StartTurn) -> None:
-        channel = command.channel
-        try:
-            if self.state.status == "closed":
-                raise DialogueError("the dialogue is closed")
-            if command.inputs is None:
-                self._resume(channel)
-            else:
-                self._begin(command.inputs, channel)
-        except Exception as exc:  # noqa: BLE001  the session raises it in the caller
-            self.journal.discard()
-            self._run = None
-            channel.failed(str(exc))
+        if self.state.status == "closed":
+            raise DialogueError("the dialogue is closed")
+        if command.inputs is None:
+            self._resume(command.channel)
+        else:
+            self._begin(command.inputs, command.channel)
 
     def _begin(self, inputs: tuple[DialogueMessage, ...], channel: Channel) -> None:
         turn = self._turn() + 1
@@ -438,8 +461,8 @@ class Coordinator(pykka.ThreadingActor):
                     )
                 ]
             )
+        tell, self._after_commit = self._after_commit, []  # dropped if the commit fails
         self._commit()
-        tell, self._after_commit = self._after_commit, []
         for ref, payload in tell:
             ref.tell(payload)
         for seq, event in recorded:
@@ -478,18 +501,24 @@ class Coordinator(pykka.ThreadingActor):
         self._actors[MODERATOR].tell(payload)
 
     def _moderated(self, run: _Run, outcome: Outcome) -> None:
+        """Open the turn as the moderator chose, or record that it failed to choose."""
         self._run = None
-        try:
-            if outcome.reply is None:
-                assert outcome.error is not None
-                raise DialogueError(f"the moderator failed: {outcome.error.message}")
-            choice = parse_moderator_choice(outcome.reply.content, list(self.state.participants))
-            self._open(run.turn, choice.mode, choice.order, choice.names, [], run.channel)
-        except DialogueError as exc:
-            self.journal.discard()
-            self._run = None
-            run.channel.failed(str(exc))
-            self._run_queued()
+        error = outcome.error
+        if outcome.reply is not None:
+            try:
+                choice = parse_moderator_choice(
+                    outcome.reply.content, list(self.state.participants)
+                )
+            except DialogueError as exc:
+                error = Error(kind="bad_choice", message=str(exc))
+            else:
+                self._open(run.turn, choice.mode, choice.order, choice.names, [], run.channel)
+                return
+        assert error is not None
+        self._stage([ParticipantFailed(turn=run.turn, participant=MODERATOR, error=error)])
+        self._commit()
+        run.channel.failed(f"the moderator failed: {error.message}")
+        self._run_queued()
 
     # --------------------------------------------------------------- resume
 

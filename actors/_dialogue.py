@@ -15,10 +15,14 @@ Calls on a :class:`Dialogue` are thread-safe; they talk to the coordinator actor
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self, cast
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import pykka
 
 from moot.events import (
     DialogueContext,
@@ -41,10 +45,7 @@ from ._errors import DialogueError
 from ._session import Channel, Session, TurnReply
 
 if TYPE_CHECKING:
-    import threading
     from collections.abc import Mapping, Sequence
-
-    import pykka
 
     from moot.store import LogBase
 
@@ -281,11 +282,11 @@ class Dialogue:
         Waits for a turn in progress to end first.
         """
         strategy = strategy or JoiningStrategy.recent()
-        self._ask(("join", participant.info, strategy, participant.agent))
+        self._wait(self._ask(("join", participant.info, strategy, participant.agent)))
 
     def remove(self, name: str) -> None:
         """Remove a participant (after a turn in progress ends)."""
-        self._ask(("remove", name))
+        self._wait(self._ask(("remove", name)))
 
     # --------------------------------------------------------------- looking
 
@@ -303,11 +304,12 @@ class Dialogue:
         self._closed = True
         wait = self.timeout if timeout is None else timeout
         try:
-            closed = cast("threading.Event", self._ref.ask(("close", reason), timeout=wait))
-            if not closed.wait(wait):
-                raise DialogueError(f"the turn in progress did not end within {wait} s")
+            self._wait(self._ref.ask(("close", reason), timeout=wait), wait)
+        except pykka.ActorDeadError as exc:
+            raise DialogueError("the dialogue's coordinator has stopped") from exc
         finally:
-            self._ref.stop(timeout=wait)
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._ref.stop(timeout=wait)
 
     def stop(self) -> None:
         """Stop the actors without recording a close (the dialogue stays open)."""
@@ -317,7 +319,19 @@ class Dialogue:
 
     def _ask(self, message: Any) -> Any:
         self._check_open()
-        return self._ref.ask(message, timeout=self.timeout)
+        try:
+            return self._ref.ask(message, timeout=self.timeout)
+        except pykka.ActorDeadError as exc:
+            raise DialogueError("the dialogue's coordinator has stopped") from exc
+
+    def _wait(self, future: Any, timeout: float | None = None) -> None:
+        """Wait for an action the coordinator runs once the turn in progress ends
+        (``future`` is the ``concurrent.futures.Future`` its ask returned)."""
+        wait = self.timeout if timeout is None else timeout
+        try:
+            future.result(wait)
+        except concurrent.futures.TimeoutError as exc:
+            raise DialogueError(f"the turn in progress did not end within {wait} s") from exc
 
     def _check_open(self) -> None:
         if self._closed:

@@ -237,7 +237,8 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
                 inputs=inputs,
             )
         case ParticipantFailed():
-            s.current.failures[ev.participant] = ev.error
+            if ev.turn == s.current.turn:  # a moderator fails before its turn starts
+                s.current.failures[ev.participant] = ev.error
         case TurnCompleted():
             s.current.open = False
         case ParticipantJoined():
