@@ -83,6 +83,8 @@ class AgentMemory(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     exchanges: tuple[tuple[tuple[DialogueMessage, ...], str], ...] = ()
     calls: int = 0
+    #: The dialogue stream the memory comes from.
+    stream: str = ""
 
 
 @runtime_checkable

@@ -378,6 +378,6 @@ def _memories(
             for turn, seqs in payloads[name]
             if (name, turn) in replies
         )
-        out[name] = AgentMemory(name=name, exchanges=exchanges, calls=calls[name])
-    out[MODERATOR] = AgentMemory(name=MODERATOR, calls=calls[MODERATOR])
+        out[name] = AgentMemory(name=name, exchanges=exchanges, calls=calls[name], stream=stream)
+    out[MODERATOR] = AgentMemory(name=MODERATOR, calls=calls[MODERATOR], stream=stream)
     return out

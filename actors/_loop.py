@@ -3,8 +3,10 @@
 Each loop is a pykka actor writing its own stream. Every step is appended as it
 happens, in causal order: ``IterationStart`` before the model call, ``LlmResponse``
 after it, ``ToolExecutionStart`` before each tool runs and ``ToolExecutionEnd`` after,
-and one terminal ``Done`` or ``LoopFailed``. The history the next model call sees is
-``LoopState.messages``, folded from those events: there is no other copy.
+and one terminal ``Done`` or ``LoopFailed``. (A response is committed together with
+what follows from it, the tool starts or ``Done``, still before any tool runs.) The
+history the next model call sees is ``LoopState.messages``, folded from those events:
+there is no other copy.
 
 A :class:`ToolLoopHandle` drives the loop from any thread: :meth:`~ToolLoopHandle.next_turn`
 runs one iteration and returns what happened (tools ran, finished, failed, or paused for
@@ -51,6 +53,7 @@ from moot.events import (
     Usage,
     text_of,
 )
+from moot.store import StoreError
 
 from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record
 from ._journal import Journal
@@ -253,6 +256,8 @@ class Paused(msgspec.Struct, frozen=True, kw_only=True):
     """The loop waits for a person to decide these calls."""
 
     calls: tuple[ToolCallBlock, ...]
+    #: The stream's last seq when it paused: any event after it may be a decision.
+    seq: int = 0
 
 
 LoopTurn = Yielded | Completed | Failed | Paused
@@ -290,9 +295,6 @@ class _Engine:
         self.deadline = None if config.timeout_s is None else self.started + config.timeout_s
         self.command: _Command | None = None
         self.ask_reason: str | None = None
-        self.pending_warning: str | None = None
-        self.calls_executed = 0
-        self.last_results: tuple[ToolResultBlock, ...] = ()
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
@@ -306,7 +308,19 @@ class _Engine:
     # ------------------------------------------------------------- one turn
 
     def next_turn(self) -> LoopTurn:
-        """Run until the tools of one response have run, the loop ends, or it pauses."""
+        """Run until the tools of one response have run, the loop ends, or it pauses.
+
+        A user hook (stop condition, approval policy, result pipeline) that raises ends
+        the loop with LoopFailed, on whatever path it runs; a store error propagates
+        (the loop is not over: the log just could not be written).
+        """
+        try:
+            return self._next_turn()
+        except _HookFailed as failure:
+            self.journal.commit()  # what happened before the hook failed is kept
+            return self._fail(failure.error)
+
+    def _next_turn(self) -> LoopTurn:
         state = self.state
         if state.finished:
             return self._terminal()
@@ -362,6 +376,10 @@ class _Engine:
             return self._fail(exc)
         except ProviderError as exc:
             return self._fail(exc)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001  a provider's own bug is still a failed call
+            return self._fail(exc)
         calls = self._unique_ids(response.tool_calls)
         content = _with_calls(response.content, calls)
         # Staged, not yet committed: it goes to the log with what follows from it (the
@@ -378,10 +396,7 @@ class _Engine:
                 )
             ]
         )
-        try:
-            return self._decide(msgspec.structs.replace(response, content=content), calls)
-        except Exception as exc:  # noqa: BLE001  a hook that raises ends the loop, on record
-            return self._fail(exc)
+        return self._decide(msgspec.structs.replace(response, content=content), calls)
 
     def _decide(self, response: ModelResponse, calls: list[ToolCallBlock]) -> LoopTurn:
         stop = self._stop_wanted(response)
@@ -407,7 +422,7 @@ class _Engine:
             self.journal.append(decided)
         if asks:
             self.journal.append([ApprovalRequested(calls=tuple(asks), reason=self.ask_reason)])
-            return Paused(calls=tuple(asks))
+            return Paused(calls=tuple(asks), seq=self.state.seq)
         return self._execute(state.round_calls)
 
     def _approvals(self, calls: Sequence[ToolCallBlock]) -> tuple[list[ToolCallBlock], list[Any]]:
@@ -421,7 +436,7 @@ class _Engine:
         for call in calls:
             if call.id in done:
                 continue
-            verdict = policy(call)
+            verdict = _hook(policy, call)
             if verdict.decision == "ask":
                 asks.append(call)
                 self.ask_reason = verdict.reason
@@ -447,7 +462,7 @@ class _Engine:
     def _after_decisions(self) -> LoopTurn:
         self.journal.catch_up()  # decisions may come from another process
         if self.state.awaiting:
-            return Paused(calls=tuple(self.state.awaiting))
+            return Paused(calls=tuple(self.state.awaiting), seq=self.state.seq)
         return self._execute(self.state.round_calls)
 
     def _execute(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
@@ -497,11 +512,21 @@ class _Engine:
         """Run the calls at once; record each end as it comes, the ones that came
         together in one append (one commit instead of one per tool)."""
         pending = {self._pool().submit(self._run_tool, call, args) for call, args in todo}
+        failure: _HookFailed | None = None
         while pending:
             done, pending = concurrent.futures.wait(
                 pending, return_when=concurrent.futures.FIRST_COMPLETED
             )
-            self.journal.append([f.result() for f in done])
+            ends = []
+            for future in done:
+                try:
+                    ends.append(future.result())
+                except _HookFailed as exc:  # record the others' ends first
+                    failure = failure or exc
+            if ends:
+                self.journal.append(ends)
+        if failure is not None:
+            raise failure
 
     def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
         """One pool for the loop's lifetime: starting threads per round costs milliseconds."""
@@ -540,26 +565,20 @@ class _Engine:
         """The result pipeline: processor, then extractor, then cacher."""
         c = self.config
         if c.result_processor is not None:
-            content = c.result_processor(tool, content)
+            content = _hook(c.result_processor, tool, content)
         if c.result_extractor is not None and estimate_tokens(content) > c.extract_above_tokens:
             query = next(
                 (text_of(m.content) for m in reversed(self.state.messages) if m.role == "user"), ""
             )
-            content = c.result_extractor(tool, content, query) or content
+            content = _hook(c.result_extractor, tool, content, query) or content
         if c.result_cacher is not None and estimate_tokens(content) > c.cache_above_tokens:
-            content = c.result_cacher(tool, content) or content
+            content = _hook(c.result_cacher, tool, content) or content
         return content
 
     def _end_round(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
-        state = self.state
-        tool_message = state.messages[-1] if state.messages else None
-        results: tuple[ToolResultBlock, ...] = ()
-        if tool_message is not None and tool_message.role == "tool":
-            results = tuple(b for b in tool_message.content if isinstance(b, ToolResultBlock))
-        self.calls_executed += len(results)
-        self.last_results = results
-        if self.pending_warning is not None:  # after the round's results, never before
-            warning, self.pending_warning = self.pending_warning, None
+        due = self.state.warning_due
+        if due is not None and not self.state.round_calls:  # after the round's results
+            warning = LOOP_WARNING.format(tool=due.tool_name, count=due.consecutive_count)
             self.journal.append(
                 [
                     MessagesInjected(
@@ -567,8 +586,12 @@ class _Engine:
                     )
                 ]
             )
+        state = self.state
         return Yielded(
-            iteration=state.iteration, calls=tuple(calls), results=results, usage=state.usage
+            iteration=state.iteration,
+            calls=tuple(calls),
+            results=state.last_results,
+            usage=state.usage,
         )
 
     # ------------------------------------------------------------- checks
@@ -581,10 +604,10 @@ class _Engine:
             iteration=self.state.iteration,
             response=response,
             usage=self.state.usage,
-            calls_executed=self.calls_executed,
-            last_results=self.last_results,
+            calls_executed=self.state.calls_executed,
+            last_results=self.state.last_results,
         )
-        verdict = self.config.stop_when(context)
+        verdict = _hook(self.config.stop_when, context)
         if verdict is None or verdict is False:
             return None
         return verdict if isinstance(verdict, str) else ""
@@ -599,8 +622,6 @@ class _Engine:
         name = "+".join(sorted({c.name for c in calls}))
         detected = LoopDetected(tool_name=name, consecutive_count=count, action=config.action)
         self.journal.append([detected])
-        if config.action == "inject_warning":
-            self.pending_warning = LOOP_WARNING.format(tool=name, count=count)
         return detected
 
     def _masking(self, iteration: int) -> list[Any]:
@@ -696,6 +717,32 @@ class _Engine:
         )
 
 
+class _HookFailed(Exception):
+    """A user hook raised; the loop ends with LoopFailed carrying ``error``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _hook(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a user hook; its exception becomes :class:`_HookFailed`."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise _HookFailed(exc) from exc
+
+
+def model_calls(log: LogBase, stream: str) -> int:
+    """How many of a loop's model calls have their outcome on record: its responses, plus
+    a failed call (a LoopFailed while a call was in flight). A resumed scripted model
+    skips that many replies."""
+    state = log.replay(stream)
+    assert isinstance(state, LoopState)
+    failed_call = state.error is not None and state.answered < state.iteration
+    return state.answered + int(failed_call)
+
+
 def decision_event(
     state: LoopState,
     call_id: str,
@@ -766,7 +813,7 @@ class _LoopActor(pykka.ThreadingActor):
 
 
 class ToolLoopHandle:
-    """Drives a loop actor from any thread. Every wait has a timeout."""
+    """Drives a loop actor from any thread; each wait takes a ``timeout``."""
 
     def __init__(self, log: LogBase, stream: str, ref: pykka.ActorRef[Any]) -> None:
         self.log = log
@@ -804,35 +851,66 @@ class ToolLoopHandle:
         """Record a person's decision on a call the loop is waiting for."""
         self._ref.ask(("decide", call_id, decision, reason, arguments), timeout=timeout)
 
-    def run(self, *, timeout: float | None = None, poll: float = 0.05) -> LoopResult:
-        """Drive the loop to its end; while paused, wait for decisions (from anywhere).
+    def run(
+        self,
+        *,
+        timeout: float | None = None,
+        on_turn: Callable[[LoopTurn], None] | None = None,
+        on_pause: Callable[[ToolLoopHandle, Paused], None] | None = None,
+    ) -> LoopResult:
+        """Drive the loop to its end (see :meth:`drive`).
 
         Raises:
             ToolLoopError: the loop failed (its LoopFailed is in the log).
+            TimeoutError: it did not end within ``timeout`` seconds.
+        """
+        outcome = self.drive(timeout=timeout, on_turn=on_turn, on_pause=on_pause)
+        if isinstance(outcome, Failed):
+            raise ToolLoopError(f"loop {self.stream} failed: {outcome.error.message}")
+        return outcome
+
+    def drive(
+        self,
+        *,
+        timeout: float | None = None,
+        on_turn: Callable[[LoopTurn], None] | None = None,
+        on_pause: Callable[[ToolLoopHandle, Paused], None] | None = None,
+    ) -> LoopResult | Failed:
+        """Turn after turn to the end, telling ``on_turn`` about each.
+
+        While paused, ``on_pause(handle, paused)`` decides (re-drive does), or by
+        default the loop waits for decisions from anywhere (:meth:`wait_for_decision`).
+
+        Raises:
             TimeoutError: it did not end within ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             turn = self.next_turn(timeout=remaining)
+            if on_turn is not None:
+                on_turn(turn)
             match turn:
                 case Completed():
                     return turn.result
                 case Failed():
-                    raise ToolLoopError(f"loop {self.stream} failed: {turn.error.message}")
+                    return turn
+                case Paused() if on_pause is not None:
+                    on_pause(self, turn)
                 case Paused():
-                    self.wait_for_decision(deadline=deadline, poll=poll)
+                    self.wait_for_decision(turn, deadline=deadline)
 
-    def wait_for_decision(self, *, deadline: float | None = None, poll: float = 0.05) -> None:
-        """Block until another event lands on this stream (a decision), or the deadline.
+    def wait_for_decision(
+        self, paused: Paused, *, deadline: float | None = None, poll: float = 0.05
+    ) -> None:
+        """Block until the stream has an event after ``paused.seq`` (a decision), or the
+        deadline. A decision that came in before this call counts: nothing is missed.
 
         Decisions may come from this process or any other (``moot approve``).
         """
-        last = self.log.stream_info(self.stream).last_seq
-        with self.log.subscribe(
-            self.log.stream_info(self.stream).last_position, stream=self.stream, poll_interval=poll
-        ) as sub:
-            while self.log.stream_info(self.stream).last_seq == last:
+        start = self.log.stream_info(self.stream).last_position
+        with self.log.subscribe(start, stream=self.stream, poll_interval=poll) as sub:
+            while self.log.stream_info(self.stream).last_seq <= paused.seq:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"loop {self.stream} is still waiting for approval")
@@ -938,7 +1016,7 @@ class ToolLoop:
             raise ToolLoopError(f"stream {stream!r} is not a tool loop")
         skip = getattr(provider, "skip", None)
         if callable(skip):
-            skip(sum(1 for r in log.read(stream) if isinstance(r.event, LlmResponse)))
+            skip(model_calls(log, stream))
         return ToolLoop._spawn(
             log, stream, provider, tools or ToolRegistry(), config or ToolLoopConfig(), on_delta
         )

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from moot.events import LlmResponse, LoopParent, LoopState
+from moot.events import LoopParent, LoopState
 from moot.store import UnknownStreamError
 
 from ._agents import AgentMemory, AgentReply, LlmAgent, Payload
 from ._errors import ToolLoopError
-from ._loop import Completed, LoopResult, ToolLoop, ToolLoopConfig, ToolLoopHandle
+from ._loop import (
+    Completed,
+    LoopResult,
+    Paused,
+    ToolLoop,
+    ToolLoopConfig,
+    ToolLoopHandle,
+    model_calls,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -48,6 +56,7 @@ class ToolLoopAgent:
         log: LogBase,
         *,
         config: ToolLoopConfig | None = None,
+        on_pause: Callable[[ToolLoopHandle, Paused], None] | None = None,
         instructions: str | None = None,
         history_turns: int | None = 20,
         on_delta: Callable[[Delta], None] | None = None,
@@ -57,6 +66,8 @@ class ToolLoopAgent:
         self.log = log
         self.config = config or ToolLoopConfig()
         self.on_delta = on_delta
+        #: Who decides when a loop pauses for approval (default: wait for a person).
+        self.on_pause = on_pause
         self._prompt = LlmAgent(provider, instructions=instructions, history_turns=history_turns)
         self.loops: list[str] = []
 
@@ -68,16 +79,16 @@ class ToolLoopAgent:
         self._prompt.restore(AgentMemory(name=memory.name, exchanges=memory.exchanges))
         skip = getattr(self.provider, "skip", None)
         if callable(skip):
-            skip(self._model_calls_on_record(memory.name))
+            skip(self._model_calls_on_record(memory.stream, memory.name))
 
-    def _model_calls_on_record(self, name: str) -> int:
-        count = 0
-        for head in self.log.streams():
-            if head.kind == "loop" and head.parent is not None and f"/{name}/t" in head.stream:
-                count += sum(
-                    1 for r in self.log.read(head.stream) if isinstance(r.event, LlmResponse)
-                )
-        return count
+    def _model_calls_on_record(self, dialogue: str, name: str) -> int:
+        """Model calls of this participant's loops in this dialogue (not another's)."""
+        prefix = loop_stream_id(dialogue, name, 0)[:-1]
+        return sum(
+            model_calls(self.log, head.stream)
+            for head in self.log.streams()
+            if head.parent == dialogue and head.stream.startswith(prefix)
+        )
 
     def respond(self, payload: Payload) -> AgentReply:
         name = payload.participant.name
@@ -130,7 +141,7 @@ class ToolLoopAgent:
             turn = handle.next_turn(timeout=60)
             assert isinstance(turn, Completed)
             return turn.result
-        return handle.run(timeout=self.config.timeout_s)
+        return handle.run(timeout=self.config.timeout_s, on_pause=self.on_pause)
 
 
 def _exists(log: LogBase, stream: str) -> bool:

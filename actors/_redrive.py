@@ -20,18 +20,21 @@ log, what the log holds, and what the new run did.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from moot.events import (
+    ApprovalRequested,
     ContentBlock,
     DialogueMessage,
     Done,
     Error,
     Event,
+    IterationStart,
     LlmResponse,
     LoopFailed,
     LoopStarted,
@@ -40,6 +43,7 @@ from moot.events import (
     ReasoningBlock,
     TextBlock,
     ToolCallBlock,
+    ToolCallDecided,
     ToolExecutionEnd,
     ToolExecutionStart,
     TurnCompleted,
@@ -49,8 +53,8 @@ from moot.events import (
 from moot.store import MemoryEventLog
 
 from ._errors import ProviderError
-from ._loop import Failed
-from ._loop_agent import loop_stream_id
+from ._loop import Approval, Failed, Paused, ToolLoopHandle
+from ._loop_agent import ToolLoopAgent, loop_stream_id
 from ._model import (
     Delta,
     Finished,
@@ -227,11 +231,17 @@ class _Recording:
         }
 
     def loop_replies(self, streams: list[str]) -> list[ModelResponse | Error]:
+        """The model calls of these loops: each response, and each call that failed
+        (a LoopFailed while a call was in flight; other failures are not the model's)."""
         out: list[ModelResponse | Error] = []
         for s in streams:
+            in_flight = False
             for r in self.events.get(s, []):
-                if isinstance(r.event, LlmResponse):
-                    e = r.event
+                e = r.event
+                if isinstance(e, IterationStart):
+                    in_flight = True
+                elif isinstance(e, LlmResponse):
+                    in_flight = False
                     out.append(
                         ModelResponse(
                             content=e.content,
@@ -240,9 +250,22 @@ class _Recording:
                             model=e.model,
                         )
                     )
-                elif isinstance(r.event, LoopFailed) and r.event.error.kind != "max_depth":
-                    out.append(r.event.error)
+                elif isinstance(e, LoopFailed) and in_flight:
+                    out.append(e.error)
         return out
+
+    def decisions(self, streams: list[str]) -> _RecordedDecisions:
+        """Who decided what in these loops: asked calls are asked again, and answered
+        with the person's recorded decision; the policy's own decisions repeat."""
+        decided: dict[str, deque[ToolCallDecided]] = defaultdict(deque)
+        asked: dict[str, str | None] = {}
+        for s in streams:
+            for r in self.events.get(s, []):
+                if isinstance(r.event, ToolCallDecided):
+                    decided[r.event.call_id].append(r.event)
+                elif isinstance(r.event, ApprovalRequested):
+                    asked.update((c.id, r.event.reason) for c in r.event.calls)
+        return _RecordedDecisions(decided, asked)
 
     def loop_model(self, streams: list[str]) -> str | None:
         """The model the loops recorded (what LoopStarted says), for a faithful replay."""
@@ -285,8 +308,43 @@ def _text(text: str) -> tuple[ContentBlock, ...]:
     return (TextBlock(text=text),) if text else ()
 
 
+def _answering(agent: Agent, decisions: _RecordedDecisions | None) -> Agent:
+    """A tool-loop agent whose pauses are answered from the recording."""
+    if decisions is not None and isinstance(agent, ToolLoopAgent):
+        agent.on_pause = decisions.on_pause
+    return agent
+
+
 def _live(spec: AgentSpec) -> bool:
     return spec.kind != "scripted"
+
+
+class _RecordedDecisions:
+    """Approvals as the log recorded them: the policy, and the person while paused."""
+
+    def __init__(
+        self, decided: dict[str, deque[ToolCallDecided]], asked: dict[str, str | None]
+    ) -> None:
+        self._decided = decided
+        self._asked = asked
+
+    def policy(self, call: ToolCallBlock) -> Approval:
+        if call.id in self._asked:
+            return Approval("ask", self._asked[call.id])
+        if self._decided[call.id]:
+            d = self._decided[call.id].popleft()
+            return Approval(d.decision, d.reason, d.arguments)
+        return Approval("approve")
+
+    def on_pause(self, handle: ToolLoopHandle, paused: Paused) -> None:
+        """Decide each paused call as the person did; a call never decided is denied
+        (the new run must not wait, and the difference shows as a divergence)."""
+        for call in paused.calls:
+            if self._decided[call.id]:
+                d = self._decided[call.id].popleft()
+                handle.decide(call.id, d.decision, reason=d.reason, arguments=d.arguments)
+            else:
+                handle.decide(call.id, "deny", reason="no decision on record")
 
 
 # ------------------------------------------------------------------ running
@@ -316,21 +374,25 @@ def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -
     def make(spec: AgentSpec) -> Agent:
         tools = spec.tools()
         replay_tools = RecordedTools(tools, results) if tools is not None else None
-        if not _live(spec):
-            return spec.build(scratch, tools=replay_tools)
         name = str(spec.table.get("name", ""))
-        if spec is scenario.moderator:
-            replies = recording.moderator_replies()
+        config = None
+        decisions = None
+        if tools is not None:  # decisions come from the log: nobody is asked again
+            decisions = recording.decisions(recording.participant_loops(name))
+            config = dataclasses.replace(spec.loop_config(), approval=decisions.policy)
+        if not _live(spec):
+            return _answering(spec.build(scratch, tools=replay_tools, config=config), decisions)
         model = None
         if spec is scenario.moderator:
-            pass
+            replies = recording.moderator_replies()
         elif tools is not None:
             loops = recording.participant_loops(name)
             replies, model = recording.loop_replies(loops), recording.loop_model(loops)
         else:
             replies = recording.participant_replies(name)
         provider = RecordedProvider(replies, label=name, model=model)
-        return spec.build(scratch, provider=provider, tools=replay_tools)
+        built = spec.build(scratch, provider=provider, tools=replay_tools, config=config)
+        return _answering(built, decisions)
 
     run_dialogue(scenario, scratch, stream=recording.stream, make_agent=make)
 
@@ -345,7 +407,17 @@ def _run_loop(scenario: LoopScenario, recording: _Recording, scratch: LogBase) -
             label="loop",
             model=recording.loop_model([recording.stream]),
         )
-    outcome = run_loop(scenario, scratch, stream=recording.stream, provider=provider, tools=tools)
+    decisions = recording.decisions([recording.stream])
+    config = dataclasses.replace(spec.loop_config(), approval=decisions.policy)
+    outcome = run_loop(
+        scenario,
+        scratch,
+        stream=recording.stream,
+        provider=provider,
+        tools=tools,
+        config=config,
+        on_pause=decisions.on_pause,
+    )
     assert isinstance(outcome, Failed) or outcome.stream == recording.stream
 
 

@@ -188,7 +188,8 @@ def _loop_lines(record: Record) -> list[str | Text]:
                     lines.append(Text(f"  → {block.name}({_short(block.arguments)}) [{block.id}]"))
             return lines
         case ApprovalRequested():
-            return [f"  [yellow]awaiting approval: {', '.join(c.id for c in event.calls)}[/yellow]"]
+            ids = escape(", ".join(c.id for c in event.calls))
+            return [f"  [yellow]awaiting approval: {ids}[/yellow]"]
         case ToolCallDecided():
             return [
                 f"  [yellow]{event.decision} {escape(event.call_id)}[/yellow]"

@@ -34,14 +34,12 @@ from ._dialogue import Dialogue, Input, Participant
 from ._errors import ConfigurationError, DialogueError
 from ._loop import (
     Approval,
-    Completed,
     Failed,
     LoopResult,
     Paused,
     ToolLoop,
     ToolLoopConfig,
     ToolLoopHandle,
-    Yielded,
     approve,
     ask_person,
 )
@@ -178,7 +176,7 @@ class AgentSpec:
                 timeout=t.get("timeout_s"),
             )
         if ":" in kind:
-            made = _import(kind, self.where)(dict(t))
+            made = _made(kind, self.where, t)
             if isinstance(made, Provider):
                 return made
             raise ConfigurationError(
@@ -192,6 +190,7 @@ class AgentSpec:
         *,
         provider: Provider | None = None,
         tools: ToolRegistry | None = None,
+        config: ToolLoopConfig | None = None,
     ) -> Agent:
         """The agent, ready to answer (a tool loop when it has tools).
 
@@ -204,14 +203,14 @@ class AgentSpec:
                 provider or self.provider(),
                 tools,
                 log,
-                config=self.loop_config(),
+                config=config or self.loop_config(),
                 instructions=self.table.get("instructions"),
                 history_turns=self.table.get("history_turns", 20),
             )
         if provider is not None:
             return self._llm(provider)
         if ":" in self.kind:
-            made = _import(self.kind, self.where)(dict(self.table))
+            made = _made(self.kind, self.where, self.table)
             if isinstance(made, Provider):
                 return self._llm(made)
             if hasattr(made, "respond"):
@@ -309,12 +308,22 @@ def _import(path: str, where: str) -> Callable[..., Any]:
         raise ConfigurationError(f"{where}: {path!r} is not of the form module:attribute")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"{where}: cannot import {module_name!r} ({exc})") from exc
+    except Exception as exc:  # an error while importing a user's module is theirs to see
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ConfigurationError(f"{where}: cannot import {module_name!r} ({reason})") from exc
     target = getattr(module, attr, None)
     if not callable(target):
         raise ConfigurationError(f"{where}: {path!r} is not a callable in {module_name!r}")
     return target  # type: ignore[no-any-return]
+
+
+def _made(path: str, where: str, table: dict[str, Any]) -> Any:
+    """Call the ``module:factory`` named by ``path`` with the table; errors are the file's."""
+    factory = _import(path, where)
+    try:
+        return factory(dict(table))
+    except Exception as exc:
+        raise ConfigurationError(f"{where}: {path} failed: {type(exc).__name__}: {exc}") from exc
 
 
 AgentMaker = Callable[[AgentSpec], Agent]
@@ -354,6 +363,7 @@ class Scenario:
     participants: tuple[ParticipantSpec, ...]
     moderator: AgentSpec | None
     stream: str | None = None
+    metadata: dict[str, Any] | None = None
 
     def initial(self) -> list[ParticipantSpec]:
         return [p for p in self.participants if p.joins_at is None]
@@ -438,7 +448,14 @@ def _dialogue(where: str, d: dict[str, Any], people: Any, moderator: Any) -> Sce
         participants=tuple(specs),
         moderator=mod_spec,
         stream=d.get("id"),
+        metadata=_metadata(where, d.get("metadata")),
     )
+
+
+def _metadata(where: str, raw: Any) -> dict[str, Any] | None:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigurationError(f"{where}: [dialogue] metadata must be a table")
+    return raw
 
 
 def _no_unknown(table: dict[str, Any], allowed: set[str], where: str) -> None:
@@ -545,6 +562,7 @@ def run_dialogue(
         moderator=make(scenario.moderator) if scenario.moderator else None,
         mention_strategy=scenario.mention_strategy,  # type: ignore[arg-type]
         stream=stream or scenario.stream,
+        metadata=scenario.metadata,
     )
     if on_start is not None:
         on_start(dialogue.stream)
@@ -655,6 +673,8 @@ def run_loop(
     on_turn: Callable[[Any], None] | None = None,
     provider: Provider | None = None,
     tools: ToolRegistry | None = None,
+    config: ToolLoopConfig | None = None,
+    on_pause: Callable[[ToolLoopHandle, Paused], None] | None = None,
 ) -> LoopResult | Failed:
     """Run a standalone loop scenario to its end; paused loops wait for decisions.
 
@@ -667,12 +687,12 @@ def run_loop(
         tools if tools is not None else spec.tools(),
         prompt=scenario.prompt,
         system=scenario.system,
-        config=spec.loop_config(),
+        config=config or spec.loop_config(),
         stream=stream or scenario.stream,
     )
     if on_start is not None:
         on_start(handle.stream)
-    return _drive(handle, on_turn)
+    return _drive(handle, on_turn, on_pause)
 
 
 def resume_loop(
@@ -695,21 +715,12 @@ def resume_loop(
     return _drive(handle, on_turn)
 
 
-def _drive(handle: ToolLoopHandle, on_turn: Callable[[Any], None] | None) -> LoopResult | Failed:
-    """Turn by turn to the end, reporting each turn; waits while paused."""
+def _drive(
+    handle: ToolLoopHandle,
+    on_turn: Callable[[Any], None] | None,
+    on_pause: Callable[[ToolLoopHandle, Paused], None] | None = None,
+) -> LoopResult | Failed:
     try:
-        while True:
-            turn = handle.next_turn()
-            if on_turn is not None:
-                on_turn(turn)
-            match turn:
-                case Completed():
-                    return turn.result
-                case Failed():
-                    return turn
-                case Paused():
-                    handle.wait_for_decision()
-                case Yielded():
-                    pass
+        return handle.drive(on_turn=on_turn, on_pause=on_pause)
     finally:
         handle.close()

@@ -798,7 +798,7 @@ def _limit(timeout_s: float | None, deadline: float | None) -> tuple[float | Non
 # round trip measured 0.13 ms on the same machine, but an abandoned tool would hold a
 # pool worker for good, and the interpreter joins pool workers at exit, so one hung tool
 # would keep the process from exiting. A daemon thread blocks neither, and 0.1 ms is
-# nothing next to a model call. test_per_call_overhead_is_small guards the order of size.
+# nothing next to a model call.
 def _run_in_worker(
     name: str, prepared: Callable[[], Any], limit: float | None, *, by_deadline: bool
 ) -> Any:

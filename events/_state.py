@@ -309,6 +309,11 @@ class LoopState(msgspec.Struct, kw_only=True):
     repeat_signature: str = ""
     repeat_count: int = 0
     detections: int = 0
+    #: Results fed back to the model so far, and those of the last complete round.
+    calls_executed: int = 0
+    last_results: tuple[ToolResultBlock, ...] = ()
+    #: A loop detection whose warning is still to be injected after its round.
+    warning_due: LoopDetected | None = None
     masked_results: int = 0
     tokens_saved: int = 0
     termination: Termination | None = None
@@ -338,7 +343,7 @@ def _start_loop(ev: LoopStarted) -> LoopState:
     )
 
 
-def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
+def _evolve_loop(s: LoopState, ev: Event) -> LoopState:  # noqa: PLR0915  one case per event
     s.seq += 1
     match ev:
         case IterationStart():
@@ -373,8 +378,11 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:
             s.detections += 1
             if ev.action == "inject_warning":
                 s.repeat_count = 0
+                s.warning_due = ev
         case MessagesInjected():
             s.messages.extend(ev.messages)
+            if ev.source == "loop_detection":
+                s.warning_due = None
         case ObservationsMasked():
             _mask(s, ev.masked_count)
             s.tokens_saved += ev.tokens_saved
@@ -407,6 +415,8 @@ def _add_result(s: LoopState, result: ToolResultBlock) -> None:
     if s.round_calls and all(c.id in s.results for c in s.round_calls):
         content = tuple(s.results[c.id] for c in s.round_calls)
         s.messages.append(ChatMessage(role="tool", content=content))
+        s.calls_executed += len(content)
+        s.last_results = content
         s.round_calls = []
         s.results = {}
 

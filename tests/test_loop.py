@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -601,3 +602,98 @@ def test_the_fire_and_forget_form(log: LogBase) -> None:
 
     with pytest.raises(ToolLoopError, match="down"):
         ToolLoop.run(log, failing, prompt="x", timeout=T)
+
+
+# ------------------------------------------------------- restarts and failures
+
+
+def test_a_decision_that_comes_before_the_wait_is_not_missed(log: LogBase) -> None:
+    from moot.actors._loop import decision_event
+
+    run = Run(log, [calls(ADD), text("ok")], approval=lambda call: ask_person())
+    paused = run.turn()
+    assert isinstance(paused, Paused)
+    state = run.replay()  # as `moot approve` does, from outside the loop
+    log.append(
+        run.handle.stream,
+        [decision_event(state, paused.calls[0].id, "approve")],
+        expected_seq=state.seq,
+    )
+    run.handle.wait_for_decision(paused, deadline=time.monotonic() + T)  # returns at once
+    assert isinstance(run.turn(), Yielded)
+
+
+class Broken:
+    """A provider with a bug of its own (not a ProviderError)."""
+
+    name = "broken"
+    model: str | None = "broken"
+
+    def stream(self, request: Any, *, deadline: float | None = None) -> Any:
+        raise KeyError("choices")
+
+    def complete(self, request: Any, *, deadline: float | None = None) -> Any:
+        raise KeyError("choices")
+
+
+def test_a_provider_bug_is_a_failed_call(log: LogBase) -> None:
+    handle = ToolLoop.start(log, Broken(), prompt="x")  # type: ignore[arg-type]
+    turn = handle.next_turn(timeout=T)
+    assert isinstance(turn, Failed) and turn.error.kind == "KeyError"
+    assert log.stream_info(handle.stream).status == "failed"
+    handle.close()
+
+
+def test_a_hook_failing_after_an_approval_ends_the_loop_on_record(log: LogBase) -> None:
+    def processor(tool: str, content: str) -> str:
+        raise ValueError("processor bug")
+
+    run = Run(
+        log,
+        [calls(ADD), text("never")],
+        approval=lambda call: ask_person(),
+        result_processor=processor,
+    )
+    paused = run.turn()
+    assert isinstance(paused, Paused)
+    run.handle.decide(paused.calls[0].id, "approve")
+    turn = run.turn()
+    assert isinstance(turn, Failed) and turn.error.message == "processor bug"
+    assert log.stream_info(run.handle.stream).status == "failed"
+
+
+def test_a_restarted_loop_keeps_its_warning_and_its_counts(log: LogBase) -> None:
+    seen: list[int] = []
+
+    def count(ctx: StopContext) -> None:
+        seen.append(ctx.calls_executed)
+
+    same = calls(("search", {"query": "x"}))
+    config = {
+        "loop_detection": LoopDetectionInfo(threshold=2, action="inject_warning"),
+        "approval": lambda call: ask_person(),
+        "stop_when": count,
+    }
+    run = Run(log, [same, same, text("done")], tools=[search], **config)
+    restarted = False
+    while True:
+        turn = run.turn()
+        if isinstance(turn, Paused):
+            if run.replay().detections and not restarted:  # stop and resume, mid-round
+                run.handle.close()
+                provider = ScriptedProvider([same, same, text("done")])
+                run.provider = provider
+                run.handle = ToolLoop.resume(
+                    log,
+                    run.handle.stream,
+                    provider,
+                    ToolRegistry([search]),
+                    ToolLoopConfig(**config),
+                )
+                restarted = True
+            run.handle.decide(turn.calls[0].id, "approve")
+        elif not isinstance(turn, Yielded):
+            break
+    assert restarted
+    assert [e.source for e in run.events(MessagesInjected)] == ["loop_detection"]
+    assert seen == [0, 1, 2]  # counted from the log, not from the process

@@ -248,3 +248,30 @@ def test_the_calculator_example_waits_for_its_approvals(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert "answer: 3 apples and 2 pears cost 3.00." in out
     assert "iteration 2  multiply" in out
+
+
+def test_a_resumed_loop_participant_counts_only_its_own_calls() -> None:
+    from moot.actors import Dialogue, Participant, ToolLoopAgent, ToolRegistry
+    from moot.actors._scripted import ScriptedProvider, ScriptedReply
+    from moot.store import MemoryEventLog
+
+    def agent(log: MemoryEventLog, *replies: ScriptedReply) -> ToolLoopAgent:
+        return ToolLoopAgent(ScriptedProvider(replies, label="bot"), ToolRegistry(), log)
+
+    first, second = ScriptedReply(text="first"), ScriptedReply(text="second")
+    log = MemoryEventLog()
+    with Dialogue.create(
+        log, participants=[Participant("bot", agent(log, first, second))], stream="A"
+    ) as other:  # another dialogue, same participant name
+        other.run("hi", timeout=30)
+    boom = ScriptedReply(error="boom")
+    b = Dialogue.create(
+        log, participants=[Participant("bot", agent(log, boom, second))], stream="B"
+    )
+    assert [r.error.message for r in b.run("hi", timeout=30) if r.error] == [
+        "loop B/bot/t1 failed: boom"
+    ]
+    b.stop()
+    b = Dialogue.resume(log, "B", {"bot": agent(log, boom, second)})
+    assert [r.content for r in b.run("again", timeout=30)] == ["second"]  # not boom again
+    b.close()
