@@ -17,6 +17,8 @@ import msgspec
 
 from moot.events import MootError
 
+from ._errors import DialogueError
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -265,7 +267,12 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
             raise Problem(f"the loop failed: {outcome.error.message}")
         click.echo(f"completed {outcome.stream}")
         return
-    stream = run_dialogue(scenario, log, stream=stream_id, on_start=started, on_reply=_print_reply)
+    try:
+        stream = run_dialogue(
+            scenario, log, stream=stream_id, on_start=started, on_reply=_print_reply
+        )
+    except DialogueError as exc:  # a turn could not run: the session failed
+        raise Problem(str(exc)) from exc
     click.echo(f"completed {stream}")
 
 
@@ -287,7 +294,10 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
         if isinstance(outcome, Failed):
             raise Problem(f"the loop failed: {outcome.error.message}")
     else:
-        resume_dialogue(scenario, log, stream, on_reply=_print_reply)
+        try:
+            resume_dialogue(scenario, log, stream, on_reply=_print_reply)
+        except DialogueError as exc:
+            raise Problem(str(exc)) from exc
     click.echo(f"completed {stream}")
 
 

@@ -427,12 +427,15 @@ class LogBase:
         """Recompute every hash and check seqs and heads (of one stream, or all).
 
         Finds the first changed, inserted, reordered or removed event, walking the log
-        in position order, and a removed tail through the stream heads.
+        in position order, and a removed tail through the stream heads. Positions are
+        given out without gaps, so over the whole log a missing position is a removed
+        event too (a whole stream deleted with its head, say).
         """
         self._check_open()
         key = self._key
         expect: dict[str, tuple[int, str, int]] = {}  # stream -> (last seq, last hash, position)
         checked = 0
+        previous = 0  # the last position seen, for the whole-log gap check
         for (
             position,
             s,
@@ -444,6 +447,10 @@ class LogBase:
             prev_hash,
             digest,
         ) in self._verify_rows(stream):
+            if stream is None and position != previous + 1:
+                reason = f"position {previous + 1} is missing (events removed)"
+                return VerifyReport(False, checked, previous + 1, reason, s)
+            previous = position
             last_seq, last_hash, _ = expect.get(s, (0, GENESIS, 0))
             problem = None
             if seq != last_seq + 1:

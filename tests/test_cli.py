@@ -111,7 +111,7 @@ def test_verify_ok(db: Path) -> None:
     ("sql", "position"),
     [
         ("UPDATE events SET data = replace(data, 'm4', 'm5') WHERE position = 6", 6),
-        ("DELETE FROM events WHERE position = 4", 5),
+        ("DELETE FROM events WHERE position = 4", 4),
         ("DELETE FROM events WHERE position IN (9, 10)", 9),
     ],
     ids=["changed-byte", "deleted-middle", "removed-tail"],

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -15,6 +16,9 @@ from moot.actors._scenario import load_scenario, run_dialogue, run_loop
 from moot.events import DialogueMessage, ToolExecutionEnd
 from moot.store import EventLog
 from tests import fake_live
+
+if TYPE_CHECKING:
+    from moot.actors._loop import Paused
 
 MOOT = str(Path(sys.executable).parent / "moot")
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,3 +177,18 @@ def test_a_loop_with_a_live_model_redrives(tmp_path: Path) -> None:
         report = redrive(load_scenario(scenario), log, "sum")  # type: ignore[arg-type]
         assert report.ok, report
         assert len(fake_live.CALLS) == calls_before
+
+
+def test_a_loop_that_waited_for_approvals_redrives(tmp_path: Path) -> None:
+
+    scenario = load_scenario(ROOT / "examples" / "calculator.toml")
+    with EventLog(tmp_path / "m.db") as log:
+
+        def approve_all(handle: Any, paused: Paused) -> None:
+            for call in paused.calls:
+                handle.decide(call.id, "approve", reason="fine")
+
+        outcome = run_loop(scenario, log, stream="calc", on_pause=approve_all)  # type: ignore[arg-type]
+        assert outcome.text == "3 apples and 2 pears cost 3.00."  # type: ignore[union-attr]
+        report = redrive(scenario, log, "calc")  # the person's decisions come from the log
+        assert report.ok, report

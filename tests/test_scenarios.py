@@ -220,3 +220,15 @@ def test_replay_json_of_a_run(tmp_path: Path) -> None:
     state = msgspec.json.decode(moot(db, "replay", "lj", "--json").stdout)
     assert list(state["participants"]) == ["alice", "bob", "historian"]
     assert state["status"] == "closed" and state["message_count"] == 10
+
+
+def test_a_turn_that_cannot_run_exits_1(tmp_path: Path) -> None:
+    scenario = tmp_path / "m.toml"
+    scenario.write_text(
+        '[dialogue]\nmode = "moderator"\nturns = ["hello"]\n'
+        '[[participant]]\nname = "a"\nreplies = ["hi"]\n'
+        '[moderator]\nreplies = [{ error = "moderator down" }]\n'
+    )
+    result = moot(tmp_path / "m.db", "run", str(scenario))
+    assert result.returncode == 1
+    assert result.stderr.strip() == "moot: the moderator failed: moderator down"

@@ -194,7 +194,10 @@ def test_one_changed_byte_is_found(db_path: Path) -> None:
 def test_a_deleted_middle_row_is_found(db_path: Path) -> None:
     fresh(db_path)
     tamper(db_path, "DELETE FROM events WHERE position = 4")
-    assert verify(db_path) == (False, 5)
+    assert verify(db_path) == (False, 4)  # the missing position itself
+    with EventLog(db_path, readonly=True) as log:  # a single stream's check sees the seq gap
+        report = log.verify("d")
+    assert (report.ok, report.first_bad) == (False, 5)
 
 
 def test_removed_last_rows_are_found(db_path: Path) -> None:
@@ -354,3 +357,13 @@ def test_messages_and_tool_calls_views(db_path: Path) -> None:
         ("l", "c3", "add", '{"a":1,"b":1}', "2", 0, 1.5),
     ]
     conn.close()
+
+
+def test_a_whole_removed_stream_is_found(db_path: Path) -> None:
+    fresh(db_path)
+    with EventLog(db_path) as log:
+        log.append("f", [started(), message("after")])  # positions 13 and 14
+    tamper(
+        db_path, "DELETE FROM events WHERE stream = 'e'", "DELETE FROM streams WHERE stream = 'e'"
+    )
+    assert verify(db_path) == (False, 11)
