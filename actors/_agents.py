@@ -23,7 +23,7 @@ from moot.events import (
     Usage,
 )
 
-from ._model import Delta, ModelRequest, Provider, call_model
+from ._model import Delta, ModelRequest, Provider, call_model, request_digest
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -71,6 +71,8 @@ class AgentReply(msgspec.Struct, frozen=True, kw_only=True):
     #: The tool-loop stream that produced this reply, if any.
     loop: str | None = None
     metadata: dict[str, Any] | None = None
+    #: The digest of the model request behind the reply (see request_digest).
+    request_digest: str | None = None
 
 
 class AgentMemory(msgspec.Struct, frozen=True, kw_only=True):
@@ -207,13 +209,13 @@ class LlmAgent:
         self._history.append((said, answered))
 
     def respond(self, payload: Payload) -> AgentReply:
-        response = call_model(
-            self.provider, self.request(payload), stream=self.stream, on_delta=self.on_delta
-        )
+        request = self.request(payload)
+        response = call_model(self.provider, request, stream=self.stream, on_delta=self.on_delta)
         self.remember(payload.text, response.text)
         return AgentReply(
             content=response.text,
             usage=response.usage,
             model=response.model,
             latency_ms=response.latency_ms,
+            request_digest=request_digest(request),
         )

@@ -444,6 +444,7 @@ class Coordinator(pykka.ThreadingActor):
             latency_ms=reply.latency_ms,
             loop=reply.loop,
             metadata=reply.metadata,
+            request_digest=reply.request_digest,
         )
 
     def _settle(self, run: _Run, recorded: list[tuple[int, Event]]) -> None:

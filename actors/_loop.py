@@ -57,7 +57,14 @@ from moot.store import StoreError
 
 from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record
 from ._journal import Journal
-from ._model import Delta, ModelRequest, ModelResponse, Provider, call_model
+from ._model import (
+    Delta,
+    ModelRequest,
+    ModelResponse,
+    Provider,
+    call_model,
+    request_digest,
+)
 from ._tools import ToolContext, ToolRegistry
 
 if TYPE_CHECKING:
@@ -360,10 +367,11 @@ class _Engine:
     def _respond(self) -> LoopTurn:
         """Call the model for the current iteration and act on its answer."""
         state = self.state
+        request = self._request()
         try:
             response = call_model(
                 self.provider,
-                self._request(),
+                request,
                 stream=self.config.stream,
                 on_delta=self.on_delta,
                 deadline=self.deadline,
@@ -393,6 +401,7 @@ class _Engine:
                     stop_reason=response.stop_reason,
                     model=response.model,
                     latency_ms=response.latency_ms,
+                    request_digest=request_digest(request),
                 )
             ]
         )

@@ -8,6 +8,7 @@ way. The deltas are what live subscribers see; only the assembled response is lo
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
@@ -44,6 +45,7 @@ __all__ = [
     "UsageDelta",
     "assemble",
     "call_model",
+    "request_digest",
 ]
 
 StopReason = Literal["end_turn", "tool_use", "max_tokens", "stop_sequence"]
@@ -282,6 +284,13 @@ class Provider(Protocol):
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
         """The whole reply at once (a non-streaming request where the API has one)."""
         ...
+
+
+def request_digest(request: ModelRequest) -> str:
+    """A short, stable fingerprint of a request: what re-drive compares, instead of
+    storing every prompt (which would grow the log with the square of the history)."""
+    body = msgspec.json.encode(request, order="sorted")
+    return hashlib.sha256(body).hexdigest()[:16]
 
 
 def assemble(deltas: Iterable[Delta], *, latency_ms: float | None = None) -> ModelResponse:

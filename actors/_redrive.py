@@ -66,6 +66,7 @@ from ._model import (
     ToolCallStart,
     UsageDelta,
     assemble,
+    request_digest,
 )
 from ._scenario import AgentSpec, LoopScenario, Scenario, run_dialogue, run_loop
 from ._tools import ToolContext, ToolOutcome, ToolRegistry
@@ -93,6 +94,12 @@ class ReplayMissing(ProviderError):
     kind = "replay_missing"
 
 
+class RequestChanged(ProviderError):
+    """The new run's request to a model differs from the one on record."""
+
+    kind = "request_changed"
+
+
 class Divergence(msgspec.Struct, frozen=True):
     """Where a re-driven run first differs from the log."""
 
@@ -113,13 +120,21 @@ class RedriveReport(msgspec.Struct, frozen=True):
 # ------------------------------------------------------------- recorded model
 
 
+#: A recorded model call: its reply (or error), and the digest of its request, if known.
+Recorded = tuple[ModelResponse | Error, str | None]
+
+
 class RecordedProvider:
     """Plays back recorded replies (or errors), in order, for one agent."""
 
     name = "recorded"
 
     def __init__(
-        self, replies: list[ModelResponse | Error], *, label: str, model: str | None = None
+        self,
+        replies: list[Recorded],
+        *,
+        label: str,
+        model: str | None = None,
     ) -> None:
         self.label = label
         self.model = model
@@ -137,8 +152,13 @@ class RecordedProvider:
                     f"{self.label}: no recorded reply for model call #{self._served + 1} "
                     "(the log has fewer calls)"
                 )
-            reply = self._replies.popleft()
+            reply, digest = self._replies.popleft()
             self._served += 1
+        if digest is not None and request_digest(request) != digest:
+            raise RequestChanged(
+                f"{self.label}: the request of model call #{self._served} differs from the "
+                f"recording (digest {request_digest(request)}, recorded {digest})"
+            )
         if isinstance(reply, Error):
             raise _replayed_error(reply)
         yield from response_deltas(reply)
@@ -230,10 +250,10 @@ class _Recording:
             if isinstance(r.event, ToolExecutionEnd)
         }
 
-    def loop_replies(self, streams: list[str]) -> list[ModelResponse | Error]:
+    def loop_replies(self, streams: list[str]) -> list[Recorded]:
         """The model calls of these loops: each response, and each call that failed
         (a LoopFailed while a call was in flight; other failures are not the model's)."""
-        out: list[ModelResponse | Error] = []
+        out: list[Recorded] = []
         for s in streams:
             in_flight = False
             for r in self.events.get(s, []):
@@ -242,16 +262,12 @@ class _Recording:
                     in_flight = True
                 elif isinstance(e, LlmResponse):
                     in_flight = False
-                    out.append(
-                        ModelResponse(
-                            content=e.content,
-                            usage=e.usage,
-                            stop_reason=e.stop_reason,
-                            model=e.model,
-                        )
+                    response = ModelResponse(
+                        content=e.content, usage=e.usage, stop_reason=e.stop_reason, model=e.model
                     )
+                    out.append((response, e.request_digest))
                 elif isinstance(e, LoopFailed) and in_flight:
-                    out.append(e.error)
+                    out.append((e.error, None))
         return out
 
     def decisions(self, streams: list[str]) -> _RecordedDecisions:
@@ -275,16 +291,17 @@ class _Recording:
                     return r.event.model
         return None
 
-    def participant_replies(self, name: str) -> list[ModelResponse | Error]:
-        out: list[ModelResponse | Error] = []
+    def participant_replies(self, name: str) -> list[Recorded]:
+        out: list[Recorded] = []
         for r in self.events[self.stream]:
             e = r.event
             if isinstance(e, DialogueMessage) and e.origin == "agent" and e.speaker.name == name:
-                out.append(
-                    ModelResponse(content=_text(e.content), usage=e.usage or Usage(), model=e.model)
+                response = ModelResponse(
+                    content=_text(e.content), usage=e.usage or Usage(), model=e.model
                 )
+                out.append((response, e.request_digest))
             elif isinstance(e, ParticipantFailed) and e.participant == name:
-                out.append(e.error)
+                out.append((e.error, None))
         return out
 
     def participant_loops(self, name: str) -> list[str]:
@@ -294,13 +311,18 @@ class _Recording:
             key=lambda s: int(s[len(prefix) :] or 0),
         )
 
-    def moderator_replies(self) -> list[ModelResponse | Error]:
-        out: list[ModelResponse | Error] = []
+    def moderator_replies(self) -> list[Recorded]:
+        """The moderator's choices, as recorded in each TurnStarted, and its failures."""
+        out: list[Recorded] = []
         for r in self.events[self.stream]:
-            if isinstance(r.event, TurnStarted):
-                e = r.event
+            e = r.event
+            if isinstance(e, TurnStarted):
                 choice = {"mode": e.mode, "order": e.order, "names": list(e.speakers)}
-                out.append(ModelResponse(content=_text(msgspec.json.encode(choice).decode())))
+                out.append(
+                    (ModelResponse(content=_text(msgspec.json.encode(choice).decode())), None)
+                )
+            elif isinstance(e, ParticipantFailed) and e.participant == "moderator":
+                out.append((e.error, None))
         return out
 
 

@@ -152,6 +152,8 @@ class DialogueMessage(EventBase, frozen=True):
     latency_ms: float | None = None
     loop: str | None = None
     metadata: dict[str, Any] | None = None
+    #: A digest of the model request that produced this reply: re-drive compares it.
+    request_digest: str | None = None
 
 
 class PayloadDelivered(EventBase, frozen=True):
@@ -243,6 +245,8 @@ class LlmResponse(EventBase, frozen=True):
     stop_reason: StopReason = "end_turn"
     model: str | None = None
     latency_ms: float | None = None
+    #: A digest of the model request this answers (see DialogueMessage.request_digest).
+    request_digest: str | None = None
 
 
 class ApprovalRequested(EventBase, frozen=True):

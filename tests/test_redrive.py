@@ -151,7 +151,7 @@ def test_identical_prompts_are_served_in_recorded_order_and_nothing_live_is_call
 
 
 def test_the_recorded_provider_fails_loudly_when_asked_for_more() -> None:
-    provider = RecordedProvider([ModelResponse(content=())], label="x")
+    provider = RecordedProvider([(ModelResponse(content=()), None)], label="x")
     request = ModelRequest(messages=())
     call_model(provider, request)
     with pytest.raises(ReplayMissing, match="no recorded reply for model call #2"):
@@ -192,3 +192,21 @@ def test_a_loop_that_waited_for_approvals_redrives(tmp_path: Path) -> None:
         assert outcome.text == "3 apples and 2 pears cost 3.00."  # type: ignore[union-attr]
         report = redrive(scenario, log, "calc")  # the person's decisions come from the log
         assert report.ok, report
+
+
+def test_a_changed_request_diverges_at_the_reply_it_produced(tmp_path: Path) -> None:
+    scenario = tmp_path / "live.toml"
+    scenario.write_text(LIVE.format(extra="") + 'instructions = "Be brief."\n')
+    with EventLog(tmp_path / "m.db") as log:
+        run_dialogue(load_scenario(scenario), log)  # type: ignore[arg-type]
+        assert redrive(load_scenario(scenario), log, "live").ok  # type: ignore[arg-type]
+        scenario.write_text(LIVE.format(extra="") + 'instructions = "Be thorough."\n')
+        report = redrive(load_scenario(scenario), log, "live")  # type: ignore[arg-type]
+        assert not report.ok and report.divergence is not None
+        first_reply = next(
+            r
+            for r in log.read("live")
+            if isinstance(r.event, DialogueMessage) and r.event.origin == "agent"
+        )
+        assert report.divergence.position == first_reply.position
+        assert "request_changed" in report.divergence.actual
