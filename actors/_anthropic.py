@@ -59,7 +59,6 @@ from ._http import (
     parse_arguments,
 )
 from ._model import (
-    Assembler,
     Delta,
     Finished,
     ModelRequest,
@@ -71,6 +70,7 @@ from ._model import (
     ToolCallDelta,
     ToolCallStart,
     UsageDelta,
+    assemble,
 )
 
 if TYPE_CHECKING:
@@ -661,7 +661,4 @@ class AnthropicProvider:
             headers=request.extra_headers,
             deadline=call_deadline,
         )
-        assembler = Assembler()
-        for delta in reply_deltas(reply, model=self._model, redact=self._endpoint.redact):
-            assembler.feed(delta)
-        return assembler.response()
+        return assemble(reply_deltas(reply, model=self._model, redact=self._endpoint.redact))

@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from contextlib import closing, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 import msgspec
@@ -49,6 +49,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
 )
+from ._model import parse_arguments
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator, Mapping
@@ -266,7 +267,6 @@ class _ErrorBody(msgspec.Struct):
 
 
 _error_body_decoder = msgspec.json.Decoder(_ErrorBody)
-_args_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 def error_detail(content: bytes | str) -> str:
@@ -321,23 +321,6 @@ def error_for_status(
         422: BadRequestError,
     }.get(status, ProviderError)
     return error_type(message, status_code=status)
-
-
-def parse_arguments(name: str, raw: str) -> dict[str, Any]:
-    """A tool call's JSON arguments as a dict (empty text means no arguments).
-
-    Raises:
-        MalformedResponseError: the text is not a JSON object.
-    """
-    text = raw.strip()
-    if not text:
-        return {}
-    try:
-        return _args_decoder.decode(text)
-    except msgspec.DecodeError as exc:
-        raise MalformedResponseError(
-            f"tool call {name!r}: arguments are not a JSON object ({exc})"
-        ) from exc
 
 
 def drain(events: Iterator[ServerSentEvent]) -> None:

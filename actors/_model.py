@@ -45,6 +45,7 @@ __all__ = [
     "UsageDelta",
     "assemble",
     "call_model",
+    "parse_arguments",
     "request_digest",
 ]
 
@@ -247,14 +248,26 @@ class Assembler:
 
 
 def _close_call(call: _OpenCall) -> ToolCallBlock:
-    raw = "".join(call.args).strip() or "{}"
+    arguments = parse_arguments(call.name, "".join(call.args))
+    return ToolCallBlock(id=call.id, name=call.name, arguments=arguments)
+
+
+def parse_arguments(name: str, raw: str) -> dict[str, Any]:
+    """A tool call's JSON arguments as a dict (empty text means no arguments).
+
+    Raises:
+        MalformedResponseError: the text is not a JSON object.
+    """
+    text = raw.strip()
+    if not text:
+        return {}
     try:
-        arguments = _args_decoder.decode(raw)
+        arguments: dict[str, Any] = _args_decoder.decode(text)
     except msgspec.DecodeError as exc:
         raise MalformedResponseError(
-            f"tool call {call.name!r}: arguments are not a JSON object ({exc})"
+            f"tool call {name!r}: arguments are not a JSON object ({exc})"
         ) from exc
-    return ToolCallBlock(id=call.id, name=call.name, arguments=arguments)
+    return arguments
 
 
 @runtime_checkable

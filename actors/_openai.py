@@ -51,7 +51,6 @@ from ._http import (
     parse_arguments,
 )
 from ._model import (
-    Assembler,
     Delta,
     Finished,
     ModelRequest,
@@ -63,6 +62,7 @@ from ._model import (
     ToolCallDelta,
     ToolCallStart,
     UsageDelta,
+    assemble,
 )
 
 if TYPE_CHECKING:
@@ -617,7 +617,4 @@ class OpenAIProvider:
         call_deadline = self._endpoint.deadline(request.timeout_s, deadline)
         body = build_chat_request(request, model=self._model, stream=False)
         reply = self._endpoint.post(body, headers=request.extra_headers, deadline=call_deadline)
-        assembler = Assembler()
-        for delta in reply_deltas(reply, model=self._model, redact=self._endpoint.redact):
-            assembler.feed(delta)
-        return assembler.response()
+        return assemble(reply_deltas(reply, model=self._model, redact=self._endpoint.redact))

@@ -210,3 +210,19 @@ def test_a_changed_request_diverges_at_the_reply_it_produced(tmp_path: Path) -> 
         )
         assert report.divergence.position == first_reply.position
         assert "request_changed" in report.divergence.actual
+
+
+def test_redrive_never_changes_the_database(tmp_path: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    scenario, db = recorded(tmp_path, MIXED.format(first="blue"))
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    before = hashlib.sha256(db.read_bytes()).hexdigest()
+    changed = tmp_path / "changed.toml"
+    changed.write_text(MIXED.format(first="green"))
+    assert moot(db, "redrive", "mixed", str(scenario)).returncode == 0
+    assert moot(db, "redrive", "mixed", str(changed)).returncode == 1
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == before
