@@ -445,11 +445,16 @@ class _StreamState:
             if not call.started:
                 raise MalformedResponseError("openai: a tool call without a name")
             arguments = "".join(call.arguments)
-            block = ToolCallBlock(
-                id=call.id,
-                name=call.name or "",
-                arguments=parse_arguments(call.name or "", arguments),
-            )
+            try:
+                parsed = parse_arguments(call.name or "", arguments)
+            except MalformedResponseError as exc:
+                if self.stop_reason == "max_tokens":  # say why, not just that it broke
+                    raise MalformedResponseError(
+                        f"openai: the reply was cut off at max_tokens in the middle of tool "
+                        f"call {call.name!r}; raise max_tokens"
+                    ) from exc
+                raise
+            block = ToolCallBlock(id=call.id, name=call.name or "", arguments=parsed)
             yield ToolCallComplete(index=call.index, call=block)
         self._calls.clear()
         self._order.clear()

@@ -602,3 +602,18 @@ def test_an_image_without_data_or_url_is_a_bad_request() -> None:
     with pytest.raises(BadRequestError, match="image"):
         deltas_of(mock_provider(respond), ModelRequest(messages=(image,)))
     assert calls == []
+
+
+def test_a_tool_call_cut_at_max_tokens_says_so() -> None:
+    opening = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "add", "arguments": '{"a": 2, "b'},
+    }
+    body = sse(
+        chunk({"role": "assistant", "tool_calls": [opening]}), chunk({}, finish="length"), "[DONE]"
+    )
+    provider = mock_provider(streaming([body]))
+    with pytest.raises(MalformedResponseError, match=r"cut off at max_tokens.*'add'"):
+        call_model(provider, HELLO)
