@@ -65,6 +65,7 @@ from ._model import (
     call_model,
 )
 from ._openai import OpenAIProvider
+from ._redrive import Divergence, RedriveReport, redrive
 from ._scenario import (
     LoopScenario,
     Scenario,
@@ -106,6 +107,7 @@ __all__ = [
     "Delta",
     "Dialogue",
     "DialogueError",
+    "Divergence",
     "Failed",
     "Finished",
     "Input",
@@ -127,6 +129,7 @@ __all__ = [
     "ProviderTimeout",
     "RateLimitError",
     "ReasoningDelta",
+    "RedriveReport",
     "RetryPolicy",
     "Scenario",
     "ScriptError",
@@ -167,6 +170,7 @@ __all__ = [
     "mentioned",
     "modify",
     "new_stream_id",
+    "redrive",
     "render_context",
     "resume_dialogue",
     "resume_loop",
