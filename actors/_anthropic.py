@@ -45,14 +45,13 @@ from moot.events import (
 
 from ._errors import (
     BadRequestError,
-    ConfigurationError,
     ConnectionLostError,
     MalformedResponseError,
 )
 from ._http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
-    HttpEndpoint,
+    HttpProvider,
     RetryPolicy,
     drain,
     error_for_status,
@@ -523,7 +522,7 @@ def reply_deltas(
 # ------------------------------------------------------------------ the provider
 
 
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     """A model behind the Anthropic Messages API.
 
     Safe to call from several threads at once; each call takes its own connection from
@@ -567,23 +566,19 @@ class AnthropicProvider:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         timeout: float | None = None,
     ) -> None:
-        resolved_model = model or os.environ.get("ANTHROPIC_MODEL")
-        if not resolved_model:
-            raise ConfigurationError("AnthropicProvider needs a model (or $ANTHROPIC_MODEL)")
-        self.model: str | None = resolved_model
-        self._model = resolved_model
         self.max_tokens = max_tokens
         self.thinking_budget = thinking_budget
         root = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.base_url = root.removesuffix("/v1")
         key = api_key if api_key is not None else os.environ.get(api_key_env)
-        self._has_key = bool(key)
         headers = {"anthropic-version": anthropic_version}
         if key:
             headers["x-api-key"] = key
-        self._endpoint = HttpEndpoint(
-            self.name,
-            f"{self.base_url}/v1/messages",
+        self._setup(
+            model=model,
+            model_env="ANTHROPIC_MODEL",
+            key=key,
+            url=f"{self.base_url}/v1/messages",
             headers=headers,
             client=client,
             retry=retry,
@@ -591,20 +586,6 @@ class AnthropicProvider:
             read_timeout=read_timeout,
             timeout=timeout,
         )
-
-    def __repr__(self) -> str:
-        key = "'***'" if self._has_key else "None"
-        return f"AnthropicProvider(model={self.model!r}, base_url={self.base_url!r}, api_key={key})"
-
-    def __enter__(self) -> AnthropicProvider:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool (unless the client was injected)."""
-        self._endpoint.close()
 
     def _body(self, request: ModelRequest, *, stream: bool) -> bytes:
         return build_messages_request(

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import time
 from contextlib import closing, contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import httpx
 import msgspec
@@ -58,6 +59,7 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_READ_TIMEOUT",
     "HttpEndpoint",
+    "HttpProvider",
     "RetryPolicy",
     "build_client",
     "drain",
@@ -321,6 +323,61 @@ def error_for_status(
         422: BadRequestError,
     }.get(status, ProviderError)
     return error_type(message, status_code=status)
+
+
+class HttpProvider:
+    """What both HTTP providers share: the model and key they were given (or found in
+    the environment), one endpoint with its pool, a repr that never shows the key."""
+
+    name = "http"
+    model: str | None
+
+    def _setup(
+        self,
+        *,
+        model: str | None,
+        model_env: str,
+        key: str | None,
+        url: str,
+        headers: dict[str, str],
+        client: httpx.Client | None,
+        retry: RetryPolicy | None,
+        connect_timeout: float,
+        read_timeout: float,
+        timeout: float | None,
+    ) -> None:
+        resolved = model or os.environ.get(model_env)
+        if not resolved:
+            kind = type(self).__name__
+            raise ConfigurationError(f"{kind} needs a model (or ${model_env})")
+        self.model = resolved
+        self._model = resolved
+        self._has_key = bool(key)
+        self._endpoint = HttpEndpoint(
+            self.name,
+            url,
+            headers=headers,
+            client=client,
+            retry=retry,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            timeout=timeout,
+        )
+
+    def __repr__(self) -> str:
+        key = "'***'" if self._has_key else "None"
+        base = getattr(self, "base_url", "")
+        return f"{type(self).__name__}(model={self.model!r}, base_url={base!r}, api_key={key})"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool (unless the client was injected)."""
+        self._endpoint.close()
 
 
 def drain(events: Iterator[ServerSentEvent]) -> None:

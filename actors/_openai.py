@@ -37,14 +37,13 @@ from moot.events import (
 
 from ._errors import (
     BadRequestError,
-    ConfigurationError,
     ConnectionLostError,
     MalformedResponseError,
 )
 from ._http import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
-    HttpEndpoint,
+    HttpProvider,
     RetryPolicy,
     drain,
     error_for_status,
@@ -504,7 +503,7 @@ def reply_deltas(
 # ------------------------------------------------------------------ the provider
 
 
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     """A model behind an OpenAI-compatible Chat Completions API.
 
     Safe to call from several threads at once; each call takes its own connection from
@@ -543,19 +542,15 @@ class OpenAIProvider:
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         timeout: float | None = None,
     ) -> None:
-        resolved_model = model or os.environ.get("OPENAI_MODEL")
-        if not resolved_model:
-            raise ConfigurationError("OpenAIProvider needs a model (or $OPENAI_MODEL)")
-        self.model: str | None = resolved_model
-        self._model = resolved_model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip(
             "/"
         )
         key = api_key if api_key is not None else os.environ.get(api_key_env)
-        self._has_key = bool(key)
-        self._endpoint = HttpEndpoint(
-            self.name,
-            f"{self.base_url}/chat/completions",
+        self._setup(
+            model=model,
+            model_env="OPENAI_MODEL",
+            key=key,
+            url=f"{self.base_url}/chat/completions",
             headers={"authorization": f"Bearer {key}"} if key else {},
             client=client,
             retry=retry,
@@ -563,20 +558,6 @@ class OpenAIProvider:
             read_timeout=read_timeout,
             timeout=timeout,
         )
-
-    def __repr__(self) -> str:
-        key = "'***'" if self._has_key else "None"
-        return f"OpenAIProvider(base_url={self.base_url!r}, model={self.model!r}, api_key={key})"
-
-    def __enter__(self) -> OpenAIProvider:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection pool (unless the client was injected)."""
-        self._endpoint.close()
 
     def stream(self, request: ModelRequest, *, deadline: float | None = None) -> Iterator[Delta]:
         """Yield the reply's deltas as they arrive, ending with :class:`Finished`.
