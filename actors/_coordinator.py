@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from ._agents import Agent
 
 __all__ = ["MODERATOR", "Coordinator", "StartTurn"]
+
+logger = logging.getLogger("moot.actors.coordinator")
 
 #: The name the moderator agent runs under (never a participant's name).
 MODERATOR = "moderator"
@@ -131,6 +134,7 @@ class Coordinator(pykka.ThreadingActor):
         #: The context as every participant is told it (fixed when the dialogue starts).
         self._context = render_context(state.context)
         self._roster: tuple[int, tuple[ParticipantInfo, ...]] = (-1, ())
+        self._draining_queue = False
         self._queued: collections.deque[
             tuple[Callable[[], None], concurrent.futures.Future[None], Channel | None]
         ] = collections.deque()
@@ -144,6 +148,16 @@ class Coordinator(pykka.ThreadingActor):
             self._spawn(MODERATOR, self._moderator)
 
     def on_stop(self) -> None:
+        """Stop the participants; whoever still waits on this coordinator hears so."""
+        stopped = DialogueError("the dialogue's coordinator has stopped")
+        if self._run is not None:
+            self._run.channel.failed(str(stopped))
+            self._run = None
+        while self._queued:
+            _, future, channel = self._queued.popleft()
+            if channel is not None:
+                channel.failed(str(stopped))
+            future.set_exception(stopped)
         for ref in self._actors.values():
             ref.stop(block=False)
         for ref in self._actors.values():
@@ -202,6 +216,15 @@ class Coordinator(pykka.ThreadingActor):
         return future
 
     def _run_queued(self) -> None:
+        if self._draining_queue:  # an action that ends at once comes back here: let the
+            return  # outer loop go on instead of recursing once per queued turn
+        self._draining_queue = True
+        try:
+            self._run_queue()
+        finally:
+            self._draining_queue = False
+
+    def _run_queue(self) -> None:
         while self._run is None and self._queued:
             action, future, channel = self._queued.popleft()
             try:
@@ -221,13 +244,19 @@ class Coordinator(pykka.ThreadingActor):
             self._run_queued()
 
     def _abort(self, exc: BaseException, channel: Channel | None) -> None:
-        """Give up the turn in progress: nothing staged is kept, nobody is started, and
-        the session hears why. The state is the log's (reloaded by the journal)."""
-        self.journal.discard()
+        """Give up the turn in progress: the session hears why first, then nothing staged
+        is kept and nobody is started; the state is the log's again. Never raises: if
+        the log cannot even be read now, the journal reloads before its next write."""
         self._after_commit.clear()
         run, self._run = self._run, None
+        message = str(exc) or type(exc).__name__
         for target in {id(c): c for c in (channel, run.channel if run else None) if c}.values():
-            target.failed(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+            target.failed(message)
+        self._roster = (-1, ())
+        try:
+            self.journal.discard()
+        except Exception:
+            logger.exception("dialogue %s: could not reload its state after an error", self.stream)
 
     # ---------------------------------------------------------- membership
 
@@ -268,6 +297,12 @@ class Coordinator(pykka.ThreadingActor):
             self._begin(command.inputs, command.channel)
 
     def _begin(self, inputs: tuple[DialogueMessage, ...], channel: Channel) -> None:
+        unfinished = self._unfinished()
+        if unfinished:  # an error interrupted it: its replies would be lost under a new one
+            raise DialogueError(
+                f"turn {unfinished} did not finish (an error interrupted it); "
+                "finish it first with finish_turn()"
+            )
         turn = self._turn() + 1
         stamped = [msgspec.structs.replace(m, turn=turn) for m in inputs]
         if not should_react(self.state.reaction, stamped):
@@ -311,6 +346,19 @@ class Coordinator(pykka.ThreadingActor):
         else:
             self._deliver(run, speakers)
         self._settle(run, [])
+
+    def _unfinished(self) -> int:
+        """The turn an error left open or never started (0 if none): its inputs are on
+        record and would get a reply, but the turn is not over."""
+        state = self.state
+        if state.current.open:
+            return state.current.turn
+        pending = state.input_turn
+        if pending > max(state.current.turn, state.failed_turn) and should_react(
+            state.reaction, self._inputs_of(pending)
+        ):
+            return pending
+        return 0
 
     def _inputs_of(self, turn: int) -> list[DialogueMessage]:
         return [
@@ -503,7 +551,6 @@ class Coordinator(pykka.ThreadingActor):
 
     def _moderated(self, run: _Run, outcome: Outcome) -> None:
         """Open the turn as the moderator chose, or record that it failed to choose."""
-        self._run = None
         error = outcome.error
         if outcome.reply is not None:
             try:
@@ -513,11 +560,13 @@ class Coordinator(pykka.ThreadingActor):
             except DialogueError as exc:
                 error = Error(kind="bad_choice", message=str(exc))
             else:
+                self._run = None
                 self._open(run.turn, choice.mode, choice.order, choice.names, [], run.channel)
                 return
         assert error is not None
         self._stage([ParticipantFailed(turn=run.turn, participant=MODERATOR, error=error)])
         self._commit()
+        self._run = None
         run.channel.failed(f"the moderator failed: {error.message}")
         self._run_queued()
 
@@ -527,11 +576,9 @@ class Coordinator(pykka.ThreadingActor):
         """Finish what a crash interrupted; replies already on record are not asked again."""
         state = self.state
         current = state.current
-        if state.input_turn > current.turn:  # inputs recorded, turn never started
+        if not current.open and self._unfinished():  # inputs recorded, turn never started
             inputs = self._inputs_of(state.input_turn)
-            if not should_react(state.reaction, inputs):
-                channel.done(reacted=False)
-            elif state.mode == "moderator":
+            if state.mode == "moderator":
                 self._ask_moderator(state.input_turn, tuple(inputs), channel)
             else:
                 self._open(state.input_turn, state.mode, state.order, state.names, [], channel)

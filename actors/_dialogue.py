@@ -308,7 +308,7 @@ class Dialogue:
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
         finally:
-            with contextlib.suppress(pykka.ActorDeadError):
+            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
                 self._ref.stop(timeout=wait)
 
     def stop(self) -> None:

@@ -34,6 +34,9 @@ class Journal(Generic[S]):
         self.state: S = state
         self._staged: list[Event] = []
         self._lock = threading.RLock()
+        #: Set when a reload failed: the state may hold events the log does not, so
+        #: nothing is written until a reload succeeds.
+        self._stale = False
 
     def stage(self, events: Sequence[Event]) -> int:
         """Fold ``events`` into the state now; :meth:`commit` appends them.
@@ -41,6 +44,8 @@ class Journal(Generic[S]):
         Returns the seq the first of them will have.
         """
         with self._lock:
+            if self._stale:
+                self.reload()
             first = self.state.seq + 1
             state = self.state
             kind = type(state)
@@ -84,11 +89,13 @@ class Journal(Generic[S]):
                 self.reload()
 
     def reload(self) -> None:
-        """Rebuild the state from the log."""
+        """Rebuild the state from the log (if that fails, the journal stays stale)."""
         with self._lock:
+            self._stale = True
             replayed = self.log.replay(self.stream)
             assert isinstance(replayed, type(self.state))
             self.state = replayed
+            self._stale = False
 
     def catch_up(self) -> list[Event]:
         """Fold in events other writers appended since; returns them."""

@@ -326,6 +326,11 @@ class _Engine:
         except _HookFailed as failure:
             self.journal.commit()  # what happened before the hook failed is kept
             return self._fail(failure.error)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001  a bug (ours, or a hook's bad value)
+            self.journal.commit()
+            return self._fail(exc)
 
     def _next_turn(self) -> LoopTurn:
         state = self.state
@@ -353,6 +358,8 @@ class _Engine:
             self.journal.append([MessagesInjected(messages=command.messages, source="command")])
         if self._timed_out():
             return self._timeout(state.last_response)
+        if state.warning_due is not None:  # a restart came between the round and its warning
+            self._end_round(())
         if state.iteration >= self.config.max_iterations:
             return self._done(
                 "max_iterations", f"limit {self.config.max_iterations}", state.last_response
@@ -445,7 +452,9 @@ class _Engine:
         for call in calls:
             if call.id in done:
                 continue
-            verdict = _hook(policy, call)
+            verdict = _hook(policy, call, returns=Approval)
+            if verdict is None:
+                raise _HookFailed(TypeError("the approval policy returned None, not an Approval"))
             if verdict.decision == "ask":
                 asks.append(call)
                 self.ask_reason = verdict.reason
@@ -574,14 +583,16 @@ class _Engine:
         """The result pipeline: processor, then extractor, then cacher."""
         c = self.config
         if c.result_processor is not None:
-            content = _hook(c.result_processor, tool, content)
+            content = _hook(c.result_processor, tool, content, returns=str)
+            if content is None:
+                raise _HookFailed(TypeError("result_processor returned None, not str"))
         if c.result_extractor is not None and estimate_tokens(content) > c.extract_above_tokens:
             query = next(
                 (text_of(m.content) for m in reversed(self.state.messages) if m.role == "user"), ""
             )
-            content = _hook(c.result_extractor, tool, content, query) or content
+            content = _hook(c.result_extractor, tool, content, query, returns=str) or content
         if c.result_cacher is not None and estimate_tokens(content) > c.cache_above_tokens:
-            content = _hook(c.result_cacher, tool, content) or content
+            content = _hook(c.result_cacher, tool, content, returns=str) or content
         return content
 
     def _end_round(self, calls: Sequence[ToolCallBlock]) -> LoopTurn:
@@ -734,12 +745,18 @@ class _HookFailed(Exception):
         self.error = error
 
 
-def _hook(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a user hook; its exception becomes :class:`_HookFailed`."""
+def _hook(fn: Callable[..., Any], *args: Any, returns: type | None = None) -> Any:
+    """Call a user hook; its exception, or a value not of type ``returns``, becomes
+    :class:`_HookFailed` (a bad value would otherwise reach the log)."""
     try:
-        return fn(*args)
+        value = fn(*args)
     except Exception as exc:
         raise _HookFailed(exc) from exc
+    if returns is not None and value is not None and not isinstance(value, returns):
+        name = getattr(fn, "__name__", "a hook")
+        problem = TypeError(f"{name} returned {type(value).__name__}, not {returns.__name__}")
+        raise _HookFailed(problem)
+    return value
 
 
 def model_calls(log: LogBase, stream: str) -> int:
@@ -748,8 +765,8 @@ def model_calls(log: LogBase, stream: str) -> int:
     skips that many replies."""
     state = log.replay(stream)
     assert isinstance(state, LoopState)
-    failed_call = state.error is not None and state.answered < state.iteration
-    return state.answered + int(failed_call)
+    cut_off = state.finished and state.answered < state.iteration  # failed, or timed out
+    return state.answered + int(cut_off)
 
 
 def decision_event(
@@ -834,7 +851,10 @@ class ToolLoopHandle:
 
     def next_turn(self, *, timeout: float | None = None) -> LoopTurn:
         """Run one iteration (or finish a paused one) and say what happened."""
-        return cast("LoopTurn", self._ref.ask("next", timeout=timeout))
+        try:
+            return cast("LoopTurn", self._ref.ask("next", timeout=timeout))
+        except pykka.Timeout as exc:
+            raise TimeoutError(f"loop {self.stream}: no turn ended within {timeout} s") from exc
 
     def continue_(self) -> None:
         """Go on normally at the next turn (the default)."""

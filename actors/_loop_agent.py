@@ -141,7 +141,9 @@ class ToolLoopAgent:
             turn = handle.next_turn(timeout=60)
             assert isinstance(turn, Completed)
             return turn.result
-        return handle.run(timeout=self.config.timeout_s, on_pause=self.on_pause)
+        # The loop's own deadline (config.timeout_s) ends it with Done(timeout); no
+        # second clock here, which would race it.
+        return handle.run(on_pause=self.on_pause)
 
 
 def _exists(log: LogBase, stream: str) -> bool:

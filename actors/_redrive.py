@@ -20,8 +20,10 @@ log, what the log holds, and what the new run did.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
+import time
 from collections import defaultdict, deque
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +54,7 @@ from moot.events import (
 )
 from moot.store import MemoryEventLog
 
-from ._errors import ProviderError
+from ._errors import DialogueError, ProviderError, ProviderTimeout
 from ._loop import Approval, Failed, Paused, ToolLoopHandle
 from ._loop_agent import ToolLoopAgent, loop_stream_id
 from ._model import (
@@ -160,6 +162,8 @@ class RecordedProvider:
                 f"recording (digest {request_digest(request)}, recorded {digest})"
             )
         if isinstance(reply, Error):
+            if reply.kind == "timeout" and deadline is not None:  # as then: the deadline passes
+                threading.Event().wait(max(0.0, deadline - time.monotonic()))
             raise _replayed_error(reply)
         yield from response_deltas(reply)
 
@@ -168,7 +172,9 @@ class RecordedProvider:
 
 
 def _replayed_error(error: Error) -> ProviderError:
-    exc = ProviderError(error.message)
+    exc = (
+        ProviderTimeout(error.message) if error.kind == "timeout" else ProviderError(error.message)
+    )
     exc.kind = error.kind
     exc.retryable = error.retryable
     return exc
@@ -268,6 +274,8 @@ class _Recording:
                     out.append((response, e.request_digest))
                 elif isinstance(e, LoopFailed) and in_flight:
                     out.append((e.error, None))
+                elif isinstance(e, Done) and in_flight:  # the loop's deadline cut the call
+                    out.append((Error(kind="timeout", message="cut off by the deadline"), None))
         return out
 
     def decisions(self, streams: list[str]) -> _RecordedDecisions:
@@ -416,7 +424,9 @@ def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -
         built = spec.build(scratch, provider=provider, tools=replay_tools, config=config)
         return _answering(built, decisions)
 
-    run_dialogue(scenario, scratch, stream=recording.stream, make_agent=make)
+    # A turn that could not run then cannot now either: compare what there is.
+    with contextlib.suppress(DialogueError):
+        run_dialogue(scenario, scratch, stream=recording.stream, make_agent=make)
 
 
 def _run_loop(scenario: LoopScenario, recording: _Recording, scratch: LogBase) -> None:

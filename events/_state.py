@@ -165,6 +165,8 @@ class DialogueState(msgspec.Struct, kw_only=True):
     #: The turn of the latest incoming message (ahead of ``current.turn`` while an
     #: input is stored but its turn has not started: a non-reacting input, or a crash).
     input_turn: int = 0
+    #: The last turn that failed before it started (its moderator failed).
+    failed_turn: int = 0
     #: The last turn that produced at least one agent reply.
     last_agent_turn: int = 0
     current: TurnState = msgspec.field(default_factory=TurnState)
@@ -237,8 +239,10 @@ def _evolve_dialogue(s: DialogueState, ev: Event) -> DialogueState:
                 inputs=inputs,
             )
         case ParticipantFailed():
-            if ev.turn == s.current.turn:  # a moderator fails before its turn starts
+            if ev.turn == s.current.turn:
                 s.current.failures[ev.participant] = ev.error
+            else:  # a moderator fails before its turn starts: that turn is over
+                s.failed_turn = max(s.failed_turn, ev.turn)
         case TurnCompleted():
             s.current.open = False
         case ParticipantJoined():

@@ -130,6 +130,8 @@ class LogBase:
         self._cond = threading.Condition()
         self._queue: list[_Append] = []
         self._leading = False
+        #: The caller the lead was last handed to (until it takes it up).
+        self._successor: _Append | None = None
         #: Commits seen by this process; subscriptions wait for it to change.
         self._commits = 0
         self._closed = False
@@ -213,10 +215,32 @@ class LogBase:
                 wake.acquire()
         if not lead:
             # Sleep until a leader has committed us, or has handed us the lead.
-            wake.acquire()
+            try:
+                wake.acquire()
+            except BaseException:
+                self._withdraw(request)
+                raise
             if request.done:
                 return
         self._lead()
+
+    def _withdraw(self, request: _Append) -> None:
+        """A waiting caller was interrupted: take its request out of the queue, and if
+        the lead had just been handed to it, pass the lead on."""
+        successor = None
+        with self._cond:
+            if request.done:
+                return
+            if request in self._queue:
+                self._queue.remove(request)
+            if self._successor is request:
+                successor = self._queue[0] if self._queue else None
+                self._successor = successor
+                self._leading = successor is not None
+            request.error = StoreError("interrupted while waiting; nothing was written")
+            request.done = True
+        if successor is not None and successor.wake is not None:
+            successor.wake.release()
 
     def _lead(self) -> None:
         """Commit what is queued, batch after batch while more arrives, then step down.
@@ -232,6 +256,7 @@ class LogBase:
         try:
             for _ in range(_ROUNDS):
                 with self._cond:
+                    self._successor = None  # the lead is taken up
                     batch, self._queue = self._queue, []
                 try:
                     self._commit_batch(batch, functools.partial(_release, committed))
@@ -252,6 +277,7 @@ class LogBase:
             with self._cond:
                 successor = self._queue[0] if self._queue else None
                 self._leading = successor is not None
+                self._successor = successor
                 self._cond.notify_all()
             _release(committed)
             if successor is not None and successor.wake is not None:
@@ -273,7 +299,7 @@ class LogBase:
                     r.error = exc
         except BaseException:
             for r in batch:
-                r.error = StoreError("interrupted while committing; nothing was written")
+                r.error = StoreError("interrupted while committing; the events may not be written")
             raise
 
     def _plan(self, tx: Transaction, batch: list[_Append]) -> None:

@@ -106,3 +106,44 @@ def test_a_failing_moderator_is_on_record() -> None:
     assert [r.content for r in d.run("second", timeout=T)] == ["a!"]
     assert d.state() == log.replay(d.stream)
     d.close()
+
+
+def test_an_interrupted_turn_must_be_finished_first() -> None:
+    class FailFirstReply(MemoryEventLog):
+        failed = False
+
+        def append(self, stream: str, events: Any, *, expected_seq: int | None = None) -> int:
+            replies = [e for e in events if isinstance(e, DialogueMessage) and e.origin == "agent"]
+            if replies and not self.failed:
+                self.failed = True
+                raise StoreError("database is locked")
+            return super().append(stream, events, expected_seq=expected_seq)
+
+    log = FailFirstReply()
+    d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: f"a{p.turn}"))])
+    with pytest.raises(DialogueError, match="database is locked"):
+        d.run("one", timeout=T)
+    with pytest.raises(DialogueError, match="turn 1 did not finish"):
+        d.run("two", timeout=T)
+    assert [r.content for r in d.finish_turn().all(T)] == ["a1"]  # asked again, recorded
+    assert [r.content for r in d.run("two", timeout=T)] == ["a2"]
+    d.close()
+    assert log.verify().ok
+
+
+def test_stopping_a_dialogue_tells_whoever_waits() -> None:
+    gate = threading.Event()
+
+    def stuck(payload: Payload) -> str:
+        gate.wait(T)
+        return "late"
+
+    d = Dialogue.create(MemoryEventLog(), participants=[Participant("a", CallableAgent(stuck))])
+    running = d.session("one")
+    queued = d.session("two")
+    d.stop()
+    gate.set()
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        running.all(T)
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        queued.all(T)

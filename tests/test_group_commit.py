@@ -107,3 +107,46 @@ def test_an_interrupted_leader_passes_the_lead_on() -> None:
     log.close()  # ...and closes
     with pytest.raises(StoreError):
         log.append("d", started())
+
+
+class Held(MemoryEventLog):
+    """The first transaction waits for ``proceed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proceed = threading.Event()
+        self.inside = threading.Event()
+        self.first = True
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        if self.first:
+            self.first = False
+            self.inside.set()
+            assert self.proceed.wait(T)
+        with super()._transaction() as tx:
+            yield tx
+
+
+def test_an_interrupted_waiting_caller_leaves_the_log_working() -> None:
+    import signal
+
+    log = Held()
+    leader = threading.Thread(target=lambda: log.append("a", started()))
+    leader.start()
+    assert log.inside.wait(T)
+
+    def interrupt_when_queued() -> None:
+        with log._cond:
+            assert log._cond.wait_for(lambda: len(log._queue) == 1, T)
+        # A real SIGINT: it wakes the main thread's blocked wait, as Ctrl-C would.
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_queued).start()
+    with pytest.raises(KeyboardInterrupt):
+        log.append("b", started())  # waits behind the leader, and is interrupted
+    log.proceed.set()
+    leader.join(T)
+    assert log._queue == [] and not log._leading
+    assert log.append("c", started()) == 1
+    assert [s.stream for s in sorted(log.streams(), key=lambda s: s.stream)] == ["a", "c"]

@@ -697,3 +697,14 @@ def test_a_restarted_loop_keeps_its_warning_and_its_counts(log: LogBase) -> None
     assert restarted
     assert [e.source for e in run.events(MessagesInjected)] == ["loop_detection"]
     assert seen == [0, 1, 2]  # counted from the log, not from the process
+
+
+def test_hooks_that_return_nonsense_end_the_loop_on_record(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("never")], approval=lambda call: None)  # type: ignore[arg-type,return-value]
+    turn = run.turn()
+    assert isinstance(turn, Failed) and "not an Approval" in turn.error.message
+    assert run.state() == run.replay()
+    other = Run(log, [calls(ADD), text("never")], result_processor=lambda t, c: None)  # type: ignore[arg-type,return-value]
+    turn = other.turn()
+    assert isinstance(turn, Failed) and "not str" in turn.error.message
+    assert list(log.read(other.handle.stream))  # still readable: no null was written
