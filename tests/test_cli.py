@@ -15,17 +15,8 @@ import pytest
 
 from moot.store import SCHEMA_VERSION, EventLog
 from tests import test_sqlite_log as t
+from tests.command import MOOT, moot
 from tests.samples import dialogue_events, loop_events
-
-MOOT = str(Path(sys.executable).parent / "moot")
-
-
-def moot(
-    db: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args], capture_output=True, text=True, timeout=60, env=env
-    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, match: str) -> None:

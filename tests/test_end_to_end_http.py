@@ -13,10 +13,7 @@ timeout) and then read the log and what the servers recorded.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -35,15 +32,17 @@ from moot.events import (
     Usage,
 )
 from moot.store import EventLog
+from tests.command import moot as run_moot
 from tests.openai_replies import error_reply, text_reply, tool_call_reply
 from tests.sse_server import ScriptedServer
 
 if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
     from moot.events import Event
     from tests.sse_server import RecordedRequest
 
-MOOT = str(Path(sys.executable).parent / "moot")
-ROOT = Path(__file__).resolve().parent.parent
 
 KEY_ENV = "MOOT_E2E_API_KEY"
 SECRET = "sk-moot-SECRET-4242"  # noqa: S105  a made-up key the tests look for
@@ -94,14 +93,7 @@ max_iterations = 4
 
 def moot(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the real ``moot`` command on ``db``, with the API key in its environment."""
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, KEY_ENV: SECRET},
-        cwd=ROOT,
-    )
+    return run_moot(db, *args, env={**os.environ, KEY_ENV: SECRET}, timeout=60)
 
 
 def dialogue_toml(stream: str, alice: str, bob: str, turns: list[str]) -> str:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,9 +21,10 @@ from moot.events import (
     ToolResultBlock,
 )
 from moot.store import EventLog
+from tests.command import MOOT, ROOT, moot
 
-MOOT = str(Path(sys.executable).parent / "moot")
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from pathlib import Path
 
 APPROVAL = """
 [loop]
@@ -44,19 +44,6 @@ def start(db: Path, *args: str, env: dict[str, str] | None = None) -> subprocess
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-    )
-
-
-def moot(
-    db: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=120,
     )
 
 

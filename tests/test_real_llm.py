@@ -10,10 +10,8 @@ on wording.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,6 +24,11 @@ from moot.events import (
     ToolExecutionStart,
 )
 from moot.store import EventLog
+from tests.command import moot as run_moot
+
+if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
 
 URL = os.environ.get("MOOT_REAL_LLM_URL", "")
 MODEL = os.environ.get("MOOT_REAL_LLM_MODEL", "smollm2-135m-instruct")
@@ -41,8 +44,6 @@ pytestmark = [
     ),
 ]
 
-MOOT = str(Path(sys.executable).parent / "moot")
-ROOT = Path(__file__).resolve().parent.parent
 
 # The key variable is optional: a local server started without API_KEY needs none.
 AGENT = """agent = "openai"
@@ -84,13 +85,7 @@ max_iterations = 4
 
 
 def moot(db: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+    return run_moot(db, *args, timeout=300)
 
 
 def agent(stream: bool, max_tokens: int) -> str:

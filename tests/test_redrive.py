@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,12 +13,13 @@ from moot.actors._scenario import load_scenario, run_dialogue, run_loop
 from moot.events import DialogueMessage, ToolExecutionEnd
 from moot.store import EventLog
 from tests import fake_live
+from tests.command import ROOT, moot
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from moot.actors._loop import Paused
 
-MOOT = str(Path(sys.executable).parent / "moot")
-ROOT = Path(__file__).resolve().parent.parent
 
 MIXED = """
 [dialogue]
@@ -45,19 +43,6 @@ name = "talker"
 agent = "scripted"
 replies = ["hello", "again"]
 """
-
-
-def moot(
-    db: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=120,
-        env=env,
-    )
 
 
 def recorded(tmp_path: Path, text: str) -> tuple[Path, Path]:

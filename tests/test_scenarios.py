@@ -6,9 +6,8 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 import threading
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
@@ -18,9 +17,10 @@ from moot.actors._dialogue import Dialogue, Participant
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
 from moot.events import DialogueMessage
 from moot.store import EventLog
+from tests.command import MOOT, ROOT, moot
 
-MOOT = str(Path(sys.executable).parent / "moot")
-ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from pathlib import Path
 
 CRASHABLE = """
 [dialogue]
@@ -54,19 +54,6 @@ replies = [
   {{ text = "c3", delay_ms = 130 }},
 ]
 """
-
-
-def moot(
-    db: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [MOOT, "--db", str(db), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
-    )
 
 
 @pytest.mark.parametrize("mode", ["broadcast", "sequential"])
