@@ -203,30 +203,34 @@ class LogBase:
         return request.result
 
     def _submit(self, request: _Append) -> None:
-        with self._cond:
-            if self._closed:
-                raise DatabaseError("this event log is closed")
-            self._queue.append(request)
-            self._cond.notify_all()  # whoever watches the queue; ~0.3 us when nobody does
-            lead = not self._leading
-            self._leading = True
+        try:
+            with self._cond:
+                if self._closed:
+                    raise DatabaseError("this event log is closed")
+                self._queue.append(request)
+                self._cond.notify_all()  # whoever watches the queue; ~0.3 us when nobody does
+                lead = not self._leading
+                self._leading = True
+                if lead:
+                    self._successor = request  # the lead is ours until _lead takes it up
+                else:
+                    request.wake = wake = _thread.allocate_lock()
+                    wake.acquire()
             if not lead:
-                request.wake = wake = _thread.allocate_lock()
+                # Sleep until a leader has committed us, or has handed us the lead.
                 wake.acquire()
-        if not lead:
-            # Sleep until a leader has committed us, or has handed us the lead.
-            try:
-                wake.acquire()
-            except BaseException:
-                self._withdraw(request)
-                raise
-            if request.done:
-                return
-        self._lead()
+                if request.done:
+                    return
+            self._lead()
+        except BaseException:
+            # Interrupted (Ctrl-C) anywhere on the way: nobody may be left waiting for
+            # this request, or for a lead it holds.
+            self._withdraw(request)
+            raise
 
     def _withdraw(self, request: _Append) -> None:
-        """A waiting caller was interrupted: take its request out of the queue, and if
-        the lead had just been handed to it, pass the lead on."""
+        """A caller was interrupted before its request was committed: take it out of
+        the queue, and if it held the lead (not yet taken up), pass the lead on."""
         successor = None
         with self._cond:
             if request.done:
