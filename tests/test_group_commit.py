@@ -136,15 +136,34 @@ def test_an_interrupted_waiting_caller_leaves_the_log_working() -> None:
     leader.start()
     assert log.inside.wait(T)
 
+    # A real SIGINT wakes the main thread's blocked wait, as Ctrl-C would. One that
+    # lands in the instant before the thread blocks is only seen once it wakes, so
+    # the signal is repeated until the handler has run; later ones are ignored.
+    fired = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if not fired.is_set():
+            fired.set()
+            raise KeyboardInterrupt
+
     def interrupt_when_queued() -> None:
         with log._cond:
             assert log._cond.wait_for(lambda: len(log._queue) == 1, T)
-        # A real SIGINT: it wakes the main thread's blocked wait, as Ctrl-C would.
-        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        for _ in range(100):
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            if fired.wait(0.1):
+                return
 
-    threading.Thread(target=interrupt_when_queued).start()
-    with pytest.raises(KeyboardInterrupt):
-        log.append("b", started())  # waits behind the leader, and is interrupted
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    interrupter = threading.Thread(target=interrupt_when_queued)
+    try:
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            log.append("b", started())  # waits behind the leader, and is interrupted
+        interrupter.join(T)
+    finally:
+        signal.signal(signal.SIGINT, previous)  # runs any pending handler first
+    assert fired.is_set() and not interrupter.is_alive()
     log.proceed.set()
     leader.join(T)
     assert log._queue == [] and not log._leading
