@@ -23,6 +23,7 @@ import msgspec
 import pykka
 
 from moot.events import (
+    Backlog,
     DialogueClosed,
     DialogueMessage,
     DialogueState,
@@ -381,18 +382,23 @@ class Coordinator(pykka.ThreadingActor):
         A payload depends only on its own participant's deliveries, so all of them are
         built first and staged together.
         """
-        payloads = [self._payload(name, run.turn) for name in names]
-        first = self._stage(
+        backlog = Backlog(self.state)
+        first = self.state.seq + 1
+        payloads = [
+            self._payload(name, run.turn, backlog=backlog, delivered_seq=first + offset)
+            for offset, name in enumerate(names)
+        ]
+        staged = self._stage(
             [
                 PayloadDelivered(turn=run.turn, participant=p.participant.name, messages=p.seqs)
                 for p in payloads
             ]
         )
-        for offset, payload in enumerate(payloads):
+        assert staged == first
+        for payload in payloads:
             name = payload.participant.name
             run.running.add(name)
-            recorded = msgspec.structs.replace(payload, delivered_seq=first + offset)
-            self._after_commit.append((self._actors[name], recorded))
+            self._after_commit.append((self._actors[name], payload))
 
     def _next_in_chain(self, run: _Run) -> None:
         while run.waiting:
@@ -401,15 +407,26 @@ class Coordinator(pykka.ThreadingActor):
                 self._deliver(run, [name])
                 return
 
-    def _payload(self, name: str, turn: int, seqs: tuple[int, ...] | None = None) -> Payload:
-        """What ``name`` is given now: all it has not received, plus a joiner's history."""
+    def _payload(
+        self,
+        name: str,
+        turn: int,
+        seqs: tuple[int, ...] | None = None,
+        *,
+        backlog: Backlog | None = None,
+        delivered_seq: int | None = None,
+    ) -> Payload:
+        """What ``name`` is given now: all it has not received, plus a joiner's history
+        (or, with ``seqs``, those messages: a payload recorded before)."""
         state = self.state
         if seqs is None:
-            new = state.undelivered(name)
+            seqs, messages = (backlog or Backlog(state)).of(name)
             strategy = state.pending_joiners.get(name)
             if strategy is not None and strategy.kind != "fresh":
-                new = sorted(set(new) | set(self._history(name, strategy, turn)))
-            seqs = tuple(new)
+                seqs = tuple(sorted(set(seqs) | set(self._history(name, strategy, turn))))
+                messages = self._messages(seqs)
+        else:
+            messages = self._messages(seqs)
         if self._roster[0] != state.seq:  # the same tuple for every payload of a turn
             self._roster = (state.seq, tuple(state.participants.values()))
         return Payload(
@@ -417,9 +434,10 @@ class Coordinator(pykka.ThreadingActor):
             turn=turn,
             participant=state.participants[name],
             participants=self._roster[1],
-            messages=self._messages(seqs),
+            messages=messages,
             seqs=seqs,
             context=self._context,
+            delivered_seq=delivered_seq,
         )
 
     def _history(self, name: str, strategy: JoiningStrategy, turn: int) -> list[int]:
@@ -602,8 +620,10 @@ class Coordinator(pykka.ThreadingActor):
         for name in current.speakers:  # a reply was in flight: ask again, same payload
             if name in current.payloads and name not in done and name in self._actors:
                 run.running.add(name)
-                payload = msgspec.structs.replace(
-                    self._payload(name, run.turn, current.payloads[name]),
+                payload = self._payload(
+                    name,
+                    run.turn,
+                    current.payloads[name],
                     delivered_seq=current.delivered_at.get(name),
                 )
                 self._after_commit.append((self._actors[name], payload))

@@ -44,6 +44,7 @@ from ._events import (
 from ._state import (
     MASKED_RESULT,
     STATUS_EVENTS,
+    Backlog,
     DialogueState,
     LoopState,
     State,
@@ -71,6 +72,7 @@ from ._types import (
 )
 
 __all__ = [
+    "Backlog",
     "CURRENT_VERSIONS",
     "EVENT_TYPES",
     "MASKED_RESULT",

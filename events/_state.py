@@ -19,7 +19,7 @@ Memory stays flat however long the dialogue runs.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -179,12 +179,55 @@ class DialogueState(msgspec.Struct, kw_only=True):
 
     def undelivered(self, participant: str) -> list[int]:
         """Seqs of the messages ``participant`` has not received yet, in order (own excluded)."""
-        mark = self.delivered.get(participant, 0)
-        return [
-            seq
-            for seq, msg in self.messages.items()
-            if seq > mark and msg.speaker.name != participant
-        ]
+        return list(Backlog(self).of(participant)[0])
+
+
+_T = TypeVar("_T")
+#: Messages after one delivery mark: seqs, messages, and where each speaker's ones are.
+_After = tuple[tuple[int, ...], tuple["DialogueMessage", ...], dict[str, list[int]]]
+
+
+class Backlog:
+    """What each participant has not received yet, at one moment of a dialogue.
+
+    Built once for all the payloads of a turn: participants that were given the same
+    messages share one list, and each one's own messages are cut out of it by slicing,
+    so a broadcast to n participants costs about n tuple copies instead of n scans of
+    every kept message. The state must not change while the backlog is in use.
+    """
+
+    def __init__(self, state: DialogueState) -> None:
+        self._state = state
+        #: delivery mark -> (seqs, messages, positions of each speaker's messages)
+        self._after: dict[int, _After] = {}
+
+    def of(self, participant: str) -> tuple[tuple[int, ...], tuple[DialogueMessage, ...]]:
+        """Seqs and messages ``participant`` has not received, in order (own excluded)."""
+        mark = self._state.delivered.get(participant, 0)
+        after = self._after.get(mark)
+        if after is None:
+            kept = [(seq, m) for seq, m in self._state.messages.items() if seq > mark]
+            speakers: dict[str, list[int]] = {}
+            for i, (_, m) in enumerate(kept):
+                speakers.setdefault(m.speaker.name, []).append(i)
+            seqs = tuple(seq for seq, _ in kept)
+            after = self._after[mark] = (seqs, tuple(m for _, m in kept), speakers)
+        seqs, messages, speakers = after
+        own = speakers.get(participant)
+        if not own:
+            return seqs, messages
+        return _cut(seqs, own), _cut(messages, own)
+
+
+def _cut(items: tuple[_T, ...], positions: list[int]) -> tuple[_T, ...]:
+    """``items`` without the items at ``positions`` (ascending)."""
+    kept: list[_T] = []
+    start = 0
+    for i in positions:
+        kept.extend(items[start:i])
+        start = i + 1
+    kept.extend(items[start:])
+    return tuple(kept)
 
 
 def _start_dialogue(ev: DialogueStarted) -> DialogueState:

@@ -14,6 +14,7 @@ from moot.events import (
     CURRENT_VERSIONS,
     MASKED_RESULT,
     ApprovalRequested,
+    Backlog,
     ChatMessage,
     DialogueMessage,
     DialogueStarted,
@@ -135,6 +136,33 @@ def test_dialogue_fold_tracks_delivery_and_forgets_what_everyone_has() -> None:
     state = evolve(state, ParticipantRemoved(name="b"))
     assert "b" not in state.participants
     assert state.status == "open"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    speakers=st.lists(st.sampled_from(["user", "a", "b", "c"]), max_size=30),
+    marks=st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 35)),
+)
+def test_backlog_gives_each_participant_what_it_has_not_received(
+    speakers: list[str], marks: dict[str, int]
+) -> None:
+    """The shared backlog of a turn equals filtering the kept messages one by one."""
+    state = DialogueState(
+        messages={
+            seq: user(f"m{seq}") if who == "user" else reply(who, f"m{seq}")
+            for seq, who in enumerate(speakers, start=5)
+        },
+        delivered=marks,
+    )
+    backlog = Backlog(state)
+    for name in ["a", "b", "c", "d", "a"]:  # "a" twice: the cached list is not altered
+        mark = marks.get(name, 0)
+        expected = [
+            (seq, m) for seq, m in state.messages.items() if seq > mark and m.speaker.name != name
+        ]
+        seqs, messages = backlog.of(name)
+        assert list(zip(seqs, messages, strict=True)) == expected
+        assert state.undelivered(name) == [seq for seq, _ in expected]
 
 
 def call(i: str, name: str = "add") -> ToolCallBlock:
