@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from types import TracebackType
 
-__all__ = ["LogBase", "Subscription", "Transaction"]
+__all__ = ["LogBase", "StaleHeads", "Subscription", "Transaction"]
 
 _DIALOGUE_TYPES = frozenset(cls.__name__ for cls in typing.get_args(DialogueEvent))
 
@@ -112,6 +112,12 @@ def _release(callers: list[_Append]) -> None:
     callers.clear()
 
 
+class StaleHeads(Exception):
+    """The heads a transaction gave out came from a cache that another writer has made
+    stale; nothing was written, and the transaction now reads heads from the database.
+    A signal between the store's own modules: it never reaches a caller."""
+
+
 class Transaction(typing.Protocol):
     """A backend's write transaction, as the group-commit leader uses it."""
 
@@ -119,7 +125,13 @@ class Transaction(typing.Protocol):
         """The log's last position, and the heads of those of ``streams`` that exist."""
         ...
 
-    def write(self, rows: list[tuple[Any, ...]], heads: list[StreamInfo]) -> None: ...
+    def write(self, rows: list[tuple[Any, ...]], heads: list[StreamInfo]) -> None:
+        """Write the rows and the new heads.
+
+        Raises:
+            StaleHeads: the heads given out were stale; plan again with fresh ones.
+        """
+        ...
 
 
 class LogBase:
@@ -308,6 +320,14 @@ class LogBase:
 
     def _plan(self, tx: Transaction, batch: list[_Append]) -> None:
         """Turn the batch into rows and heads; refused requests get their error instead."""
+        try:
+            self._plan_from(tx, batch)
+        except StaleHeads:
+            for r in batch:
+                r.error, r.result = None, 0
+            self._plan_from(tx, batch)
+
+    def _plan_from(self, tx: Transaction, batch: list[_Append]) -> None:
         recorded_at = utc_now()
         position, loaded = tx.heads({r.stream for r in batch})
         heads: dict[str, StreamInfo | None] = dict(loaded)

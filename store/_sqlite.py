@@ -19,11 +19,11 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import msgspec
 
-from ._base import LogBase
+from ._base import LogBase, StaleHeads
 from ._errors import DatabaseError, StoreError
 from ._records import StoredEvent, StreamInfo, VerifyReport
 from ._schema import connect, prepare
@@ -57,13 +57,62 @@ def _upsert(rows: int) -> str:
     )
 
 
+class _Heads:
+    """The stream heads and last position as this writer left them at its last commit.
+
+    Reading them back costs a query per commit, and a query releases and retakes the
+    GIL, which is dear while other threads queue appends; so the writer plans from
+    these instead. If another connection (a process, or a second EventLog on the
+    file) has written since, the plan is stale: but positions are given out in order
+    without gaps, so the stale plan's first row takes a position that is already
+    taken, its INSERT fails on the primary key, and the batch is planned again from
+    the database (see :class:`_Tx`). A plan that writes no rows proves nothing, so it
+    is never trusted from here.
+    """
+
+    #: Heads kept at most; the least recently written are forgotten first.
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.position: int | None = None  # None: nothing known
+        self.streams: dict[str, StreamInfo] = {}
+
+    def clear(self) -> None:
+        self.position = None
+        self.streams.clear()
+
+    def learn(self, position: int, heads: Iterable[StreamInfo]) -> None:
+        """Remember the log as a committed transaction left it."""
+        self.position = position
+        streams = self.streams
+        for head in heads:
+            streams.pop(head.stream, None)  # re-inserted last: the most recent
+            streams[head.stream] = head
+        if len(streams) > self.LIMIT:
+            for name in list(itertools.islice(streams, len(streams) - self.LIMIT // 2)):
+                del streams[name]
+
+
 class _Tx:
     """A write transaction on the writer connection (see :class:`moot.store._base.Transaction`)."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, known: _Heads) -> None:
         self._conn = conn
+        self._known = known
+        self.cached = False
+        #: The log's last position and the heads read or written in this transaction.
+        self.position = 0
+        self.seen: list[StreamInfo] = []
 
     def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
+        known = self._known
+        if known.position is not None:
+            found = {s: known.streams[s] for s in streams if s in known.streams}
+            if len(found) == len(streams):
+                self.cached = True
+                self.position = known.position
+                return known.position, found
+        self.cached = False
         # One statement for all of it: each call releases and retakes the GIL, which
         # costs more than the query when other threads are queueing appends.
         names = list(streams)
@@ -75,7 +124,9 @@ class _Tx:
             names,
         ).fetchall()
         found = {r[1]: StreamInfo(*r[1:]) for r in rows if r[1] is not None}
-        return int(rows[-1][0] or 0), found
+        self.position = int(rows[-1][0] or 0)
+        self.seen = list(found.values())
+        return self.position, found
 
     def write(self, rows: list[tuple[Any, ...]], heads: list[StreamInfo]) -> None:
         # Multi-row statements rather than executemany: the sqlite3 module releases and
@@ -83,13 +134,29 @@ class _Tx:
         # retake waits for them; one statement per chunk made 8-thread group commit
         # about twice as fast (scripts/benchmarks/store.py).
         conn = self._conn
+        if self.cached and not rows:
+            self._stale()
         for i in range(0, len(rows), _CHUNK):
             chunk = rows[i : i + _CHUNK]
-            conn.execute(_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            try:
+                conn.execute(_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+            except sqlite3.IntegrityError:
+                if self.cached and i == 0:
+                    self._stale()
+                raise
+        if rows:
+            self.position = rows[-1][0]
+        self.seen.extend(heads)
         for i in range(0, len(heads), _CHUNK):
             chunk_heads = heads[i : i + _CHUNK]
             params = itertools.chain.from_iterable(msgspec.structs.astuple(h) for h in chunk_heads)
             conn.execute(_upsert(len(chunk_heads)), list(params))
+
+    def _stale(self) -> NoReturn:
+        """The cached heads were stale: forget them, and read from the database from now on."""
+        self._known.clear()
+        self.cached = False
+        raise StaleHeads
 
 
 class EventLog(LogBase):
@@ -146,6 +213,7 @@ class EventLog(LogBase):
             self._rconn = connect(self.path, readonly=True, timeout=timeout)
             self._rlock = threading.Lock()
             self._wlock = threading.Lock()
+        self._known = _Heads()
 
     def __repr__(self) -> str:
         return f"EventLog({self.path!r})"
@@ -165,8 +233,9 @@ class EventLog(LogBase):
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: cannot start a write ({exc})") from exc
+            tx = _Tx(conn, self._known)
             try:
-                yield _Tx(conn)
+                yield tx
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._rollback()
@@ -174,8 +243,10 @@ class EventLog(LogBase):
             except BaseException:
                 self._rollback()
                 raise
+            self._known.learn(tx.position, tx.seen)
 
     def _rollback(self) -> None:
+        self._known.clear()
         if self._wconn.in_transaction:
             self._wconn.execute("ROLLBACK")
 

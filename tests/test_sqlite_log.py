@@ -29,7 +29,8 @@ from moot.events import (
     ToolExecutionEnd,
     ToolExecutionStart,
 )
-from moot.store import SCHEMA_VERSION, DatabaseError, EventLog
+from moot.store import SCHEMA_VERSION, ConcurrencyError, DatabaseError, EventLog
+from moot.store._sqlite import _Heads
 from tests.samples import dialogue_events
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +112,42 @@ def test_two_processes_append_to_one_stream(db_path: Path) -> None:
             mine = [c for c in contents if c.startswith(name + "-")]
             assert mine == [f"{name}-{i}" for i in range(150)]
         assert log.verify().ok
+
+
+def test_two_logs_on_one_file_see_each_others_appends(db_path: Path) -> None:
+    """Each writer plans from the heads of its own last commit; when the other one has
+    written since, that plan is stale, and it must not show: every answer is the one
+    a fresh read of the file would give."""
+    with EventLog(db_path) as one, EventLog(db_path) as two:
+        assert one.append("s", [started(), message("1")]) == 2
+        assert two.append("s", [message("2")], expected_seq=2) == 3
+        # one last wrote seq 2: an expectation of 3 is right, one of 2 is stale
+        assert one.append("s", [message("3")], expected_seq=3) == 4
+        with pytest.raises(ConcurrencyError):
+            two.append("s", [message("x")], expected_seq=3)
+        assert two.append("s", []) == 4  # nothing to write proves nothing: read afresh
+        assert two.append("t", [started()]) == 1  # another stream: positions still move on
+        assert one.append("s", [message("5")]) == 5
+        assert one.append("t", [message("t2")], expected_seq=1) == 2
+        assert two.append("t", [message("t3")]) == 3
+        for log in (one, two):
+            assert [r.position for r in log.read_all()] == list(range(1, 9))
+            assert [h.last_seq for h in sorted(log.streams(), key=lambda h: h.stream)] == [5, 3]
+            assert log.verify().ok
+
+
+def test_a_writer_keeps_a_bounded_number_of_heads(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_Heads, "LIMIT", 4)
+    with EventLog(db_path) as log:
+        for round_ in range(3):
+            for i in range(10):
+                events = [started()] if round_ == 0 else [message(f"{round_}")]
+                assert log.append(f"s{i}", events, expected_seq=round_) == round_ + 1
+                assert len(log._known.streams) <= 4
+        assert log.verify().ok
+        assert {h.last_seq for h in log.streams()} == {3}
 
 
 CRASHER = """
