@@ -129,6 +129,8 @@ class Coordinator(pykka.ThreadingActor):
         self._moderator = moderator
         self._actors: dict[str, pykka.ActorRef[Any]] = {}
         self._mailbox: collections.deque[Outcome] = collections.deque()
+        #: A _Flush is on its way: outcomes posted meanwhile ride along with it.
+        self._flush_told = False
         self._run: _Run | None = None
         #: Participants to start once the staged payloads are committed.
         self._after_commit: list[tuple[pykka.ActorRef[Any], Payload]] = []
@@ -168,9 +170,17 @@ class Coordinator(pykka.ThreadingActor):
         self._actors[name] = ParticipantActor.start(name, agent, self._post)
 
     def _post(self, outcome: Outcome) -> None:
-        """Called in participant threads: queue the outcome and wake the coordinator."""
+        """Called in participant threads: queue the outcome and wake the coordinator.
+
+        One wake-up serves every outcome posted before it is handled, so a hundred
+        participants finishing together do not queue a hundred of them. (The flag is
+        read after the append and cleared before the drain: an outcome either finds a
+        wake-up still to come, or tells a new one. Two threads may both tell; harmless.)
+        """
         self._mailbox.append(outcome)
-        self.actor_ref.tell(_Flush())
+        if not self._flush_told:
+            self._flush_told = True
+            self.actor_ref.tell(_Flush())
 
     # ------------------------------------------------------ the one funnel
 
@@ -189,7 +199,11 @@ class Coordinator(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         match message:
             case _Flush():
+                self._flush_told = False
                 self._guarded(self._drain)
+                if self._mailbox and not self._flush_told:  # left for later by the drain
+                    self._flush_told = True
+                    self.actor_ref.tell(_Flush())
             case StartTurn():
                 self._when_idle(lambda: self._start(message), message.channel)
             case ("join", ParticipantInfo() as info, JoiningStrategy() as strategy, agent):
