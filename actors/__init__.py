@@ -36,6 +36,7 @@ from ._loop import (
     Completed,
     Failed,
     LoopResult,
+    NestedLoop,
     Paused,
     Pricing,
     StopContext,
@@ -91,7 +92,6 @@ from ._tools import (
 logging.getLogger("moot").addHandler(logging.NullHandler())
 
 __all__ = [
-    "TALK_STYLES",
     "Agent",
     "AgentMemory",
     "AgentReply",
@@ -117,6 +117,7 @@ __all__ = [
     "MalformedResponseError",
     "ModelRequest",
     "ModelResponse",
+    "NestedLoop",
     "NotFoundError",
     "OpenAIProvider",
     "Participant",
@@ -139,6 +140,7 @@ __all__ = [
     "ServerError",
     "Session",
     "StopContext",
+    "TALK_STYLES",
     "TalkStyle",
     "TextDelta",
     "Tool",

@@ -18,6 +18,7 @@ with :meth:`ToolLoop.resume`, and waits for approvals across restarts.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,10 @@ class ToolLoopConfig:
             ``cache_above_tokens`` (store the content elsewhere, return a stand-in).
         stream: Use the streaming model API.
         pricing: For cost estimates.
+        nested: Sees each loop a tool starts through ``ToolContext.runtime`` (a
+            :class:`NestedLoop`) and returns it, changed or not: another provider,
+            other tools, a stream id. Loops started from a nested loop inherit it.
+            Re-drive uses it to serve nested loops from their recordings.
     """
 
     max_iterations: int = 10
@@ -200,6 +205,7 @@ class ToolLoopConfig:
     temperature: float | None = None
     max_tokens: int | None = None
     pricing: Pricing = field(default_factory=Pricing)
+    nested: Callable[[NestedLoop], NestedLoop] | None = None
 
     def record(self) -> LoopConfigInfo:
         return LoopConfigInfo(
@@ -1067,6 +1073,25 @@ class ToolLoop:
         return ToolLoopHandle(log, stream, _LoopActor.start(engine))
 
 
+@dataclass(frozen=True)
+class NestedLoop:
+    """A loop a tool is starting, as :attr:`ToolLoopConfig.nested` sees it.
+
+    Attributes:
+        parent: The loop and the ``ToolExecutionStart`` of the call that starts it.
+        index: How many loops that call started before this one (0 for its first).
+        provider: The model the tool asked for.
+        tools: The tools the tool asked for.
+        stream: The new loop's stream id; None: a fresh one.
+    """
+
+    parent: LoopParent
+    index: int
+    provider: Provider
+    tools: ToolRegistry | None
+    stream: str | None = None
+
+
 @dataclass
 class NestedLoops:
     """Given to tools (``ToolContext.runtime``) so they can run a loop of their own."""
@@ -1074,6 +1099,8 @@ class NestedLoops:
     log: LogBase
     stream: str
     config: ToolLoopConfig
+    #: Loops started so far, per calling tool call.
+    started: dict[str, int] = field(default_factory=dict)
 
     def run(
         self,
@@ -1095,13 +1122,27 @@ class NestedLoops:
             for r in self.log.read(self.stream)
             if isinstance(r.event, ToolExecutionStart) and r.event.call_id == context.call_id
         ]
+        config = config or self.config
+        if config.nested is None and self.config.nested is not None:
+            config = dataclasses.replace(config, nested=self.config.nested)
+        index = self.started.get(context.call_id, 0)
+        self.started[context.call_id] = index + 1
+        plan = NestedLoop(
+            parent=LoopParent(stream=self.stream, seq=starts[-1] if starts else 0),
+            index=index,
+            provider=provider,
+            tools=tools,
+        )
+        if config.nested is not None:
+            plan = config.nested(plan)
         child = ToolLoop.start(
             self.log,
-            provider,
-            tools,
+            plan.provider,
+            plan.tools,
             prompt=prompt,
-            config=config or self.config,
-            parent=LoopParent(stream=self.stream, seq=starts[-1] if starts else 0),
+            config=config,
+            stream=plan.stream,
+            parent=plan.parent,
             depth=context.depth + 1,
         )
         try:

@@ -39,6 +39,7 @@ from moot.events import (
     IterationStart,
     LlmResponse,
     LoopFailed,
+    LoopParent,
     LoopStarted,
     ParticipantFailed,
     PayloadDelivered,
@@ -55,7 +56,7 @@ from moot.events import (
 from moot.store import MemoryEventLog
 
 from ._errors import DialogueError, ProviderError, ProviderTimeout
-from ._loop import Approval, Failed, Paused, ToolLoopHandle
+from ._loop import Approval, Failed, NestedLoop, Paused, ToolLoopHandle
 from ._loop_agent import ToolLoopAgent, loop_stream_id
 from ._model import (
     Delta,
@@ -74,7 +75,7 @@ from ._scenario import AgentSpec, LoopScenario, Scenario, run_dialogue, run_loop
 from ._tools import ToolContext, ToolOutcome, ToolRegistry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
     from moot.store import LogBase
 
@@ -245,8 +246,51 @@ class _Recording:
     def __init__(self, log: LogBase, stream: str) -> None:
         self.log = log
         self.stream = stream
-        self.streams = [stream] + [h.stream for h in log.streams() if h.parent == stream]
+        self.streams = [stream, *descendants(log, stream)]
         self.events = {s: list(log.read(s)) for s in self.streams}
+
+    def children_of(self, parent: LoopParent) -> list[str]:
+        """The loops started by one tool call (``parent``), in the order they started."""
+        found = [
+            (records[0].position, s)
+            for s, records in self.events.items()
+            if records
+            and isinstance(records[0].event, LoopStarted)
+            and records[0].event.parent == parent
+        ]
+        return [s for _, s in sorted(found)]
+
+    def nested(
+        self, results: dict[tuple[str, str], ToolExecutionEnd]
+    ) -> Callable[[NestedLoop], NestedLoop]:
+        """A :attr:`ToolLoopConfig.nested` hook: each loop a tool starts gets the stream
+        id, the model replies and the tool results its recording holds."""
+
+        def place(plan: NestedLoop) -> NestedLoop:
+            recorded = self.children_of(plan.parent)
+            if plan.index >= len(recorded):
+                raise ReplayMissing(
+                    f"{plan.parent.stream}: no recorded nested loop #{plan.index + 1} "
+                    f"for the tool call at seq {plan.parent.seq}"
+                )
+            child = recorded[plan.index]
+            return dataclasses.replace(
+                plan,
+                stream=child,
+                provider=RecordedProvider(
+                    self.loop_replies([child]), label=child, model=self.loop_model([child])
+                ),
+                tools=RecordedTools(plan.tools or ToolRegistry(), results),
+            )
+
+        return place
+
+    def with_nested(self, streams: list[str]) -> list[str]:
+        """These streams and the loops nested in them."""
+        out = list(streams)
+        for s in streams:
+            out.extend(d for d in descendants(self.log, s) if d in self.events)
+        return out
 
     def tool_results(self) -> dict[tuple[str, str], ToolExecutionEnd]:
         return {
@@ -400,6 +444,7 @@ def redrive(scenario: Scenario | LoopScenario, log: LogBase, stream: str) -> Red
 
 def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -> None:
     results = recording.tool_results()
+    nested = recording.nested(results)
 
     def make(spec: AgentSpec) -> Agent:
         tools = spec.tools()
@@ -408,8 +453,12 @@ def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -
         config = None
         decisions = None
         if tools is not None:  # decisions come from the log: nobody is asked again
-            decisions = recording.decisions(recording.participant_loops(name))
-            config = dataclasses.replace(spec.loop_config(), approval=decisions.policy)
+            decisions = recording.decisions(
+                recording.with_nested(recording.participant_loops(name))
+            )
+            config = dataclasses.replace(
+                spec.loop_config(), approval=decisions.policy, nested=nested
+            )
         if not _live(spec):
             return _answering(spec.build(scratch, tools=replay_tools, config=config), decisions)
         model = None
@@ -431,7 +480,8 @@ def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -
 
 def _run_loop(scenario: LoopScenario, recording: _Recording, scratch: LogBase) -> None:
     spec = scenario.agent
-    tools = RecordedTools(spec.tools() or ToolRegistry(), recording.tool_results())
+    results = recording.tool_results()
+    tools = RecordedTools(spec.tools() or ToolRegistry(), results)
     provider = None
     if _live(spec):
         provider = RecordedProvider(
@@ -439,8 +489,10 @@ def _run_loop(scenario: LoopScenario, recording: _Recording, scratch: LogBase) -
             label="loop",
             model=recording.loop_model([recording.stream]),
         )
-    decisions = recording.decisions([recording.stream])
-    config = dataclasses.replace(spec.loop_config(), approval=decisions.policy)
+    decisions = recording.decisions(recording.streams)
+    config = dataclasses.replace(
+        spec.loop_config(), approval=decisions.policy, nested=recording.nested(results)
+    )
     outcome = run_loop(
         scenario,
         scratch,
@@ -463,8 +515,7 @@ def compare(log: LogBase, new: LogBase, stream: str) -> RedriveReport:
     in the log is reported (a difference past the end of the log comes last).
     """
     compared = 0
-    children = {h.stream for h in log.streams() if h.parent == stream}
-    children |= {h.stream for h in new.streams() if h.parent == stream}
+    children = set(descendants(log, stream)) | set(descendants(new, stream))
     found: list[Divergence] = []
     for s in [stream, *sorted(children)]:
         old_groups = _groups(list(log.read(s)))
@@ -481,6 +532,21 @@ def compare(log: LogBase, new: LogBase, stream: str) -> RedriveReport:
         return RedriveReport(ok=True, compared=compared)
     first = min(found, key=lambda d: (d.position is None, d.position or 0))
     return RedriveReport(ok=False, compared=compared, divergence=first)
+
+
+def descendants(log: LogBase, stream: str) -> list[str]:
+    """The loops ``stream`` started, the loops they started, and so on."""
+    children: dict[str, list[str]] = defaultdict(list)
+    for head in log.streams():
+        if head.parent is not None:
+            children[head.parent].append(head.stream)
+    out: list[str] = []
+    todo = [stream]
+    while todo:
+        found = sorted(children[todo.pop()])
+        out.extend(found)
+        todo.extend(found)
+    return out
 
 
 Group = list[tuple[int, Any]]  # (position, canonical form)

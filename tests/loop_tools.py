@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from moot.actors import tool
+from moot.actors import ToolContext, ToolRegistry, tool
 
 
 @tool
@@ -45,3 +45,16 @@ def transfer() -> str:
 def lookup(key: str) -> str:
     """Look a key up (the answer comes from $MOOT_TEST_LOOKUP: tests change it)."""
     return f"{key}={os.environ.get('MOOT_TEST_LOOKUP', 'v1')}"
+
+
+@tool(idempotent=True)
+def research(topic: str, context: ToolContext) -> str:
+    """Ask a helper loop about a topic: a nested loop on its own (live) model, with
+    ``lookup`` as its tool; ``$MOOT_TEST_TOPIC`` changes what the helper is asked."""
+    from tests import fake_live
+
+    prompt = f"Research {os.environ.get('MOOT_TEST_TOPIC', topic)}."
+    result = context.runtime.run(
+        context, fake_live.CountingProvider(), ToolRegistry([lookup]), prompt=prompt
+    )
+    return f"{topic}: {result.text}"

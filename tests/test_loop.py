@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from moot.actors._loop import (
     Completed,
     Failed,
     LoopResult,
+    NestedLoop,
     Paused,
     StopContext,
     ToolLoop,
@@ -444,6 +446,60 @@ def test_nested_loops_are_linked_and_limited(log: LogBase) -> None:
     assert ends["delegate"].content == "inner answer"
     assert ends["delegate_deep"].is_error and "max nesting depth" in ends["delegate_deep"].content
     assert too_deep.calls == 0
+
+
+def test_the_nested_hook_places_every_nested_loop_also_grandchildren(log: LogBase) -> None:
+    """ToolLoopConfig.nested sees each loop a tool starts, in call order, and may give it
+    another model and a stream id; loops started from nested loops inherit the hook."""
+    asked = ScriptedProvider([text("never")])  # what the tools ask for: never used
+    grandchild = ScriptedProvider([text("leaf answer")])
+    child = ScriptedProvider([calls(("leaf", {})), text("child answer")])
+    second = ScriptedProvider([text("second answer")])
+    seen: list[NestedLoop] = []
+
+    def place(plan: NestedLoop) -> NestedLoop:
+        seen.append(plan)
+        model = {("root", 0): child, ("root", 1): second}.get(
+            (plan.parent.stream, plan.index), grandchild
+        )
+        return dataclasses.replace(plan, provider=model, stream=f"{plan.parent.stream}.{len(seen)}")
+
+    @tool
+    def leaf(context: ToolContext) -> str:
+        """Ask the deepest helper."""
+        return str(context.runtime.run(context, asked, prompt="leaf task", timeout=T).text)
+
+    @tool
+    def branch(context: ToolContext) -> str:
+        """Ask a helper that has helpers of its own, twice."""
+        tools = ToolRegistry([leaf])
+        first = context.runtime.run(context, asked, tools, prompt="task", timeout=T)
+        return f"{first.text} / {context.runtime.run(context, asked, prompt='again').text}"
+
+    handle = ToolLoop.start(
+        log,
+        ScriptedProvider([calls(("branch", {})), text("root done")]),
+        ToolRegistry([branch]),
+        prompt="go",
+        stream="root",
+        config=ToolLoopConfig(nested=place),
+    )
+    try:
+        assert handle.run(timeout=T).text == "root done"
+    finally:
+        handle.close()
+    assert asked.calls == 0
+    assert [(p.parent.stream, p.index) for p in seen] == [
+        ("root", 0),
+        ("root.1", 0),
+        ("root", 1),
+    ]
+    heads = {h.stream: h.parent for h in log.streams()}
+    assert heads == {"root": None, "root.1": "root", "root.1.2": "root.1", "root.3": "root"}
+    depths = {s: log.replay(s).depth for s in heads}  # type: ignore[union-attr]
+    assert depths == {"root": 0, "root.1": 1, "root.1.2": 2, "root.3": 1}
+    end = next(e for e in (r.event for r in log.read("root")) if isinstance(e, ToolExecutionEnd))
+    assert end.content == "child answer / second answer"
 
 
 def test_masking_keeps_exactly_the_configured_recent_iterations(log: LogBase) -> None:

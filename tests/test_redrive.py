@@ -211,3 +211,78 @@ def test_redrive_never_changes_the_database(tmp_path: Path) -> None:
     assert moot(db, "redrive", "mixed", str(scenario)).returncode == 0
     assert moot(db, "redrive", "mixed", str(changed)).returncode == 1
     assert hashlib.sha256(db.read_bytes()).hexdigest() == before
+
+
+NESTED_LOOP = """
+[loop]
+id = "study"
+prompt = "Study colour."
+agent = "scripted"
+tools = ["tests.loop_tools:research"]
+replies = [
+  { tool_calls = [{ name = "research", arguments = { topic = "colour" } }] },
+  { text = "studied" },
+]
+"""
+
+NESTED_DIALOGUE = """
+[dialogue]
+mode = "broadcast"
+id = "panel"
+turns = ["Study colour."]
+
+[[participant]]
+name = "scholar"
+agent = "scripted"
+tools = ["tests.loop_tools:research"]
+replies = [
+  { tool_calls = [{ name = "research", arguments = { topic = "colour" } }] },
+  { text = "studied" },
+]
+"""
+
+
+def events_of(log: EventLog, streams: list[str]) -> int:
+    return sum(len(list(log.read(s))) for s in streams)
+
+
+def test_a_nested_loop_is_served_from_its_recording_and_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = tmp_path / "nested.toml"
+    scenario.write_text(NESTED_LOOP)
+    with EventLog(tmp_path / "m.db") as log:
+        outcome = run_loop(load_scenario(scenario), log)  # type: ignore[arg-type]
+        assert outcome.text == "studied"  # type: ignore[union-attr]
+        (child,) = [h.stream for h in log.streams() if h.parent == "study"]
+        result = next(r.event for r in log.read("study") if isinstance(r.event, ToolExecutionEnd))
+        assert result.content.startswith("colour: answer ")  # the nested loop's live answer
+        calls_before = len(fake_live.CALLS)
+
+        report = redrive(load_scenario(scenario), log, "study")  # type: ignore[arg-type]
+        assert report.ok, report
+        assert report.compared == events_of(log, ["study", child])
+        assert len(fake_live.CALLS) == calls_before  # the nested model was never called
+
+        monkeypatch.setenv("MOOT_TEST_TOPIC", "shape")  # the helper is asked something else
+        report = redrive(load_scenario(scenario), log, "study")  # type: ignore[arg-type]
+        assert not report.ok and report.divergence is not None
+        assert report.divergence.stream == child
+        assert report.divergence.position == next(iter(log.read(child))).position
+        assert "Research shape." in report.divergence.actual
+        assert "Research colour." in report.divergence.expected
+        assert len(fake_live.CALLS) == calls_before
+
+
+def test_a_loop_nested_in_a_participants_loop_redrives(tmp_path: Path) -> None:
+    scenario = tmp_path / "panel.toml"
+    scenario.write_text(NESTED_DIALOGUE)
+    with EventLog(tmp_path / "m.db") as log:
+        run_dialogue(load_scenario(scenario), log)  # type: ignore[arg-type]
+        (loop,) = [h.stream for h in log.streams() if h.parent == "panel"]
+        (child,) = [h.stream for h in log.streams() if h.parent == loop]
+        calls_before = len(fake_live.CALLS)
+        report = redrive(load_scenario(scenario), log, "panel")  # type: ignore[arg-type]
+        assert report.ok, report
+        assert report.compared == events_of(log, ["panel", loop, child])
+        assert len(fake_live.CALLS) == calls_before
