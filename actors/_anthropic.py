@@ -3,7 +3,7 @@
 Speaks ``POST {base_url}/v1/messages``. Streaming reads named server-sent events::
 
     message_start                      the model, and input usage
-    content_block_start  index, block  text | tool_use | thinking
+    content_block_start  index, block  text | tool_use | thinking | redacted_thinking
     content_block_delta  index, delta  text_delta | input_json_delta | thinking_delta
                                        | signature_delta
     content_block_stop   index         a tool call is complete here
@@ -147,7 +147,11 @@ class _Thinking(_Out, tag_field="type", tag="thinking"):
     signature: str
 
 
-_OutBlock = _Text | _Image | _ToolUse | _ToolResult | _Thinking
+class _RedactedThinking(_Out, tag_field="type", tag="redacted_thinking"):
+    data: str
+
+
+_OutBlock = _Text | _Image | _ToolUse | _ToolResult | _Thinking | _RedactedThinking
 
 
 class _Message(_Out):
@@ -208,6 +212,7 @@ class _InBlock(_In):
     text: str | None = None
     thinking: str | None = None
     signature: str | None = None
+    data: str | None = None  # redacted_thinking
     id: str | None = None
     name: str | None = None
     input: dict[str, Any] | None = None
@@ -350,6 +355,8 @@ def _block(block: ContentBlock) -> _OutBlock | None:
             return _ToolUse(id=id, name=name, input=arguments)
         case ToolResultBlock(tool_call_id=call_id, content=content, is_error=is_error):
             return _ToolResult(tool_use_id=call_id, content=content, is_error=is_error)
+        case ReasoningBlock(redacted=str(data)):
+            return _RedactedThinking(data=data)
         case ReasoningBlock(text=text, signature=signature):
             # Thinking goes back only with its signature (from this API); other reasoning
             # is dropped.
@@ -421,6 +428,8 @@ class _ReplyState:
                     yield ReasoningDelta(text=block.thinking)
                 if block.signature:
                     yield ReasoningDelta(signature=block.signature)
+            case "redacted_thinking" if block.data:
+                yield ReasoningDelta(redacted=block.data)
             case "tool_use":
                 if not block.id or not block.name:
                     raise MalformedResponseError("anthropic: a tool_use block without id or name")

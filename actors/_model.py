@@ -99,6 +99,8 @@ class TextDelta(_Delta, frozen=True, tag="text"):
 class ReasoningDelta(_Delta, frozen=True, tag="reasoning"):
     text: str = ""
     signature: str | None = None
+    #: A whole block of encrypted reasoning (see :attr:`ReasoningBlock.redacted`).
+    redacted: str | None = None
 
 
 class ToolCallStart(_Delta, frozen=True, tag="tool_call_start"):
@@ -172,6 +174,9 @@ class Assembler:
         match delta:
             case TextDelta(text=text):
                 self._append_text("text", text)
+            case ReasoningDelta(redacted=str(data)):
+                self._blocks.append(ReasoningBlock(text="", redacted=data))
+                self._kinds.append("redacted")
             case ReasoningDelta(text=text, signature=signature):
                 self._append_text("reasoning", text)
                 if signature:

@@ -193,7 +193,9 @@ def response_deltas(reply: ModelResponse) -> Iterator[Delta]:
             case TextBlock():
                 yield TextDelta(text=block.text)
             case ReasoningBlock():
-                yield ReasoningDelta(text=block.text, signature=block.signature)
+                yield ReasoningDelta(
+                    text=block.text, signature=block.signature, redacted=block.redacted
+                )
     yield UsageDelta(usage=reply.usage)
     yield Finished(stop_reason=reply.stop_reason, model=reply.model)
 

@@ -180,7 +180,9 @@ def _loop_lines(record: Record) -> list[str | Text]:
         case LlmResponse():
             lines: list[str | Text] = []
             for block in event.content:
-                if isinstance(block, ReasoningBlock) and block.text:
+                if isinstance(block, ReasoningBlock) and block.redacted:
+                    lines.append(Text("  thinking: (redacted by the provider)", style="dim"))
+                elif isinstance(block, ReasoningBlock) and block.text:
                     lines.append(Text("  thinking: " + _short(block.text), style="dim"))
                 elif isinstance(block, TextBlock):
                     lines.append(Text("  " + block.text))

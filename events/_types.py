@@ -110,6 +110,9 @@ class ReasoningBlock(_Block, frozen=True, tag="reasoning"):
     #: Provider-specific proof of the reasoning (Anthropic's thinking signature),
     #: which must be sent back unchanged on the next request.
     signature: str | None = None
+    #: Reasoning the provider keeps encrypted (Anthropic's ``redacted_thinking``
+    #: data): ``text`` is empty, and this goes back unchanged on the next request.
+    redacted: str | None = None
 
 
 class ImageBlock(_Block, frozen=True, tag="image"):

@@ -339,9 +339,7 @@ def test_a_stream_without_message_stop_is_a_lost_connection() -> None:
 def test_unknown_events_and_blocks_are_skipped() -> None:
     body = sse(
         message_start(),
-        event(
-            "content_block_start", index=0, content_block={"type": "redacted_thinking", "data": "x"}
-        ),
+        event("content_block_start", index=0, content_block={"type": "a_future_block", "x": 1}),
         event("content_block_stop", index=0),
         event("something_new", anything=1),
         event("content_block_start", index=1, content_block={"type": "text", "text": ""}),
@@ -353,6 +351,55 @@ def test_unknown_events_and_blocks_are_skipped() -> None:
     )
     response = call_model(mock_provider(streaming([body])), HELLO)
     assert response.content == (TextBlock(text="ok"),)
+
+
+REDACTED = "EmwKAhgBEgy3va3pzix/LafPsn4aDFIT2Xlxh0L5L8rLVyIwxtE3rAFBa8cr3qpP"
+
+
+def test_redacted_thinking_is_kept_whole_streamed_or_not() -> None:
+    """Encrypted reasoning comes as one block with no deltas; it must be kept as it is
+    (the API wants it back with the tool results), apart from the thinking beside it."""
+    body = sse(
+        message_start(),
+        event("content_block_start", index=0, content_block={"type": "thinking", "thinking": ""}),
+        block_delta(0, type="thinking_delta", thinking="Let me see."),
+        block_delta(0, type="signature_delta", signature="sig-9"),
+        event("content_block_stop", index=0),
+        event(
+            "content_block_start",
+            index=1,
+            content_block={"type": "redacted_thinking", "data": REDACTED},
+        ),
+        event("content_block_stop", index=1),
+        event(
+            "content_block_start",
+            index=2,
+            content_block={"type": "tool_use", "id": "toolu_9", "name": "now", "input": {}},
+        ),
+        event("content_block_stop", index=2),
+        event("message_delta", delta={"stop_reason": "tool_use"}),
+        event("message_stop"),
+    )
+    expected = (
+        ReasoningBlock(text="Let me see.", signature="sig-9"),
+        ReasoningBlock(text="", redacted=REDACTED),
+        ToolCallBlock(id="toolu_9", name="now"),
+    )
+    assert call_model(mock_provider(streaming([body])), HELLO).content == expected
+    whole = {
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test-1",
+        "content": [
+            {"type": "thinking", "thinking": "Let me see.", "signature": "sig-9"},
+            {"type": "redacted_thinking", "data": REDACTED},
+            {"type": "tool_use", "id": "toolu_9", "name": "now", "input": {}},
+        ],
+        "stop_reason": "tool_use",
+        "usage": {"input_tokens": 3, "output_tokens": 4},
+    }
+    provider = mock_provider(lambda _request: httpx.Response(200, json=whole))
+    assert provider.complete(HELLO).content == expected
 
 
 def test_a_malformed_event_and_arguments_for_a_non_tool_block() -> None:
@@ -396,6 +443,7 @@ def full_request(**overrides: Any) -> ModelRequest:
             role="assistant",
             content=(
                 ReasoningBlock(text="I should look.", signature="sig-1"),
+                ReasoningBlock(text="", redacted="opaque-1"),
                 ReasoningBlock(text="unsigned, from another model"),
                 TextBlock(text="Checking."),
                 ToolCallBlock(id="toolu_1", name="get_weather", arguments={"city": "Zürich"}),
@@ -462,6 +510,7 @@ def test_the_request_body_the_server_receives(server: ScriptedServer) -> None:
                 "role": "assistant",
                 "content": [
                     {"type": "thinking", "thinking": "I should look.", "signature": "sig-1"},
+                    {"type": "redacted_thinking", "data": "opaque-1"},
                     {"type": "text", "text": "Checking."},
                     {
                         "type": "tool_use",

@@ -7,10 +7,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from moot.actors._model import ModelRequest, ModelResponse, call_model
-from moot.actors._redrive import RecordedProvider, ReplayMissing, redrive
+from moot.actors._model import ModelRequest, ModelResponse, assemble, call_model
+from moot.actors._redrive import RecordedProvider, ReplayMissing, redrive, response_deltas
 from moot.actors._scenario import load_scenario, run_dialogue, run_loop
-from moot.events import DialogueMessage, ToolExecutionEnd
+from moot.events import (
+    DialogueMessage,
+    ReasoningBlock,
+    TextBlock,
+    ToolCallBlock,
+    ToolExecutionEnd,
+    Usage,
+)
 from moot.store import EventLog
 from tests import fake_live
 from tests.command import ROOT, moot
@@ -141,6 +148,25 @@ def test_the_recorded_provider_fails_loudly_when_asked_for_more() -> None:
     call_model(provider, request)
     with pytest.raises(ReplayMissing, match="no recorded reply for model call #2"):
         call_model(provider, request)
+
+
+def test_a_recorded_reply_plays_back_as_the_same_reply() -> None:
+    """Every kind of block survives being served again: signed, plain and redacted
+    reasoning stay separate blocks, and tool calls keep their place."""
+    reply = ModelResponse(
+        content=(
+            ReasoningBlock(text="think", signature="sig"),
+            ReasoningBlock(text="", redacted="opaque"),
+            ReasoningBlock(text="more"),
+            TextBlock(text="Calling."),
+            ToolCallBlock(id="c1", name="add", arguments={"a": 1, "b": 2}),
+            TextBlock(text="And after."),
+        ),
+        usage=Usage(input_tokens=4, output_tokens=5),
+        stop_reason="tool_use",
+        model="m-1",
+    )
+    assert assemble(response_deltas(reply)) == reply
 
 
 LOOP = """
