@@ -549,12 +549,19 @@ def test_an_error_is_terminal_and_repeats(log: LogBase) -> None:
 
 def test_parallel_results_are_fed_back_in_call_order(log: LogBase) -> None:
     order: list[str] = []
-    first_may_finish = threading.Event()
 
     @tool
-    def first() -> str:
-        """Finishes last."""
-        assert first_may_finish.wait(T)
+    def first(context: ToolContext) -> str:
+        """Finishes last: only once the end of ``second`` is on record."""
+        with log.subscribe(stream=context.stream) as events:
+            while True:
+                record = events.next(timeout=T)
+                assert record is not None, "second never ended"
+                if (
+                    isinstance(record.event, ToolExecutionEnd)
+                    and record.event.tool_name == "second"
+                ):
+                    break
         order.append("first")
         return "1"
 
@@ -562,7 +569,6 @@ def test_parallel_results_are_fed_back_in_call_order(log: LogBase) -> None:
     def second() -> str:
         """Finishes first."""
         order.append("second")
-        first_may_finish.set()
         return "2"
 
     run = Run(log, [calls(("first", {}), ("second", {})), text("ok")], tools=[first, second])
