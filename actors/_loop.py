@@ -1053,7 +1053,13 @@ class ToolLoop:
         if callable(skip):
             skip(model_calls(log, stream))
         return ToolLoop._spawn(
-            log, stream, provider, tools or ToolRegistry(), config or ToolLoopConfig(), on_delta
+            log,
+            stream,
+            provider,
+            tools or ToolRegistry(),
+            config or ToolLoopConfig(),
+            on_delta,
+            resumed=True,
         )
 
     @staticmethod
@@ -1064,11 +1070,13 @@ class ToolLoop:
         tools: ToolRegistry,
         config: ToolLoopConfig,
         on_delta: Callable[[Delta], None] | None,
+        *,
+        resumed: bool = False,
     ) -> ToolLoopHandle:
         state = log.replay(stream)
         assert isinstance(state, LoopState)
         journal = Journal(log, stream, state)
-        runtime = NestedLoops(log, stream, config)
+        runtime = NestedLoops(log, stream, config, resumed=resumed)
         engine = _Engine(journal, provider, tools, config, on_delta=on_delta, runtime=runtime)
         return ToolLoopHandle(log, stream, _LoopActor.start(engine))
 
@@ -1099,6 +1107,8 @@ class NestedLoops:
     log: LogBase
     stream: str
     config: ToolLoopConfig
+    #: The loop was resumed: a tool running again may find loops it started before.
+    resumed: bool = False
     #: Loops started so far, per calling tool call.
     started: dict[str, int] = field(default_factory=dict)
 
@@ -1113,6 +1123,11 @@ class NestedLoops:
         timeout: float | None = None,
     ) -> LoopResult:
         """Run a child loop to its end, linked to this call; depth is one more than ours.
+
+        In a resumed loop, a tool that runs again after a crash finds the loops it had
+        started on record: the n-th loop it asks for is the n-th it started then, which
+        goes on where it stopped (its finished model calls and tools are not repeated;
+        one that had ended gives its result at once).
 
         Raises:
             ToolLoopError: the child failed (e.g. the depth limit).
@@ -1135,17 +1150,32 @@ class NestedLoops:
         )
         if config.nested is not None:
             plan = config.nested(plan)
-        child = ToolLoop.start(
-            self.log,
-            plan.provider,
-            plan.tools,
-            prompt=prompt,
-            config=config,
-            stream=plan.stream,
-            parent=plan.parent,
-            depth=context.depth + 1,
-        )
+        earlier = self._on_record(plan.parent) if self.resumed else []
+        if index < len(earlier):
+            child = ToolLoop.resume(self.log, earlier[index], plan.provider, plan.tools, config)
+        else:
+            child = ToolLoop.start(
+                self.log,
+                plan.provider,
+                plan.tools,
+                prompt=prompt,
+                config=config,
+                stream=plan.stream,
+                parent=plan.parent,
+                depth=context.depth + 1,
+            )
         try:
             return child.run(timeout=timeout)
         finally:
             child.close()
+
+    def _on_record(self, parent: LoopParent) -> list[str]:
+        """The loops started from ``parent`` (a tool call) that are on record, in order."""
+        found = []
+        for head in self.log.streams():
+            if head.parent != parent.stream:
+                continue
+            first = next(iter(self.log.read(head.stream, until_seq=1)), None)
+            if first is not None and getattr(first.event, "parent", None) == parent:
+                found.append((first.position, head.stream))
+        return [stream for _, stream in sorted(found)]

@@ -58,3 +58,17 @@ def research(topic: str, context: ToolContext) -> str:
         context, fake_live.CountingProvider(), ToolRegistry([lookup]), prompt=prompt
     )
     return f"{topic}: {result.text}"
+
+
+@tool(idempotent=True)
+def delegate(context: ToolContext) -> str:
+    """Hand the job to a helper loop (scripted, labelled "helper" in the call log) that
+    runs ``fetch`` and then answers."""
+    from moot.actors import ScriptedCall, ScriptedProvider, ScriptedReply
+
+    helper = ScriptedProvider(
+        [ScriptedReply(tool_calls=(ScriptedCall(name="fetch"),)), ScriptedReply(text="fetched")],
+        label="helper",
+    )
+    result = context.runtime.run(context, helper, ToolRegistry([fetch]), prompt="Fetch it.")
+    return f"helper: {result.text}"

@@ -140,6 +140,45 @@ def test_sigkill_during_a_tool(tmp_path: Path, tool: str) -> None:
     assert "answer: finished" in resumed.stdout
 
 
+NESTED = """
+[loop]
+prompt = "Get it done."
+agent = "scripted"
+replies = [{ tool_calls = [{ name = "delegate" }] }, { text = "all done" }]
+tools = ["tests.loop_tools:delegate"]
+"""
+
+
+def test_sigkill_in_a_nested_loop_then_resume_goes_on_with_that_loop(tmp_path: Path) -> None:
+    """The outer tool runs again (it is idempotent) and asks for its helper loop again:
+    it gets the one on record, which goes on after its last recorded step."""
+    scenario, db, runs = tmp_path / "nested.toml", tmp_path / "moot.db", tmp_path / "runs"
+    calls = tmp_path / "calls"
+    scenario.write_text(NESTED)
+    env = {**os.environ, "MOOT_TEST_RUNS": str(runs), "MOOT_SCRIPTED_CALL_LOG": str(calls)}
+    proc = start(db, "run", str(scenario), env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    stream = proc.stdout.readline().split()[1]
+    assert proc.stderr.readline() == "fetch started\n"  # inside the helper loop now
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    resumed = moot(db, "resume", stream, str(scenario), env={**env, "MOOT_TEST_FAST": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "answer: all done" in resumed.stdout
+    with EventLog(db, readonly=True) as log:
+        assert log.verify().ok
+        helpers = [h for h in log.streams() if h.parent == stream]
+        assert len(helpers) == 1 and helpers[0].status == "completed"  # no second helper
+        helper = [r.event for r in log.read(helpers[0].stream)]
+        end = next(r.event for r in log.read(stream) if isinstance(r.event, ToolExecutionEnd))
+    assert end.content == "helper: fetched"
+    assert sum(isinstance(e, ToolExecutionStart) for e in helper) == 1
+    assert runs.read_text().splitlines() == ["fetch", "fetch"]  # killed once, run again once
+    # each scripted reply was asked for once: the helper's first one is not asked again
+    helper_calls = [c for c in calls.read_text().splitlines() if c.startswith("helper")]
+    assert helper_calls == ["helper 0", "helper 1"]
+
+
 DIALOGUE = """
 [dialogue]
 mode = "broadcast"
