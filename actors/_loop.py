@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -1109,8 +1110,9 @@ class NestedLoops:
     config: ToolLoopConfig
     #: The loop was resumed: a tool running again may find loops it started before.
     resumed: bool = False
-    #: Loops started so far, per calling tool call.
+    #: Loops started so far, per calling tool call (tools may run in parallel threads).
     started: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def run(
         self,
@@ -1140,8 +1142,9 @@ class NestedLoops:
         config = config or self.config
         if config.nested is None and self.config.nested is not None:
             config = dataclasses.replace(config, nested=self.config.nested)
-        index = self.started.get(context.call_id, 0)
-        self.started[context.call_id] = index + 1
+        with self._lock:
+            index = self.started.get(context.call_id, 0)
+            self.started[context.call_id] = index + 1
         plan = NestedLoop(
             parent=LoopParent(stream=self.stream, seq=starts[-1] if starts else 0),
             index=index,
