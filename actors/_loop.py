@@ -1153,7 +1153,7 @@ class NestedLoops:
         )
         if config.nested is not None:
             plan = config.nested(plan)
-        earlier = self._on_record(plan.parent) if self.resumed else []
+        earlier = started_from(self.log, plan.parent) if self.resumed else []
         if index < len(earlier):
             child = ToolLoop.resume(self.log, earlier[index], plan.provider, plan.tools, config)
         else:
@@ -1172,13 +1172,15 @@ class NestedLoops:
         finally:
             child.close()
 
-    def _on_record(self, parent: LoopParent) -> list[str]:
-        """The loops started from ``parent`` (a tool call) that are on record, in order."""
-        found = []
-        for head in self.log.streams():
-            if head.parent != parent.stream:
-                continue
-            first = next(iter(self.log.read(head.stream, until_seq=1)), None)
-            if first is not None and getattr(first.event, "parent", None) == parent:
-                found.append((first.position, head.stream))
-        return [stream for _, stream in sorted(found)]
+
+def started_from(log: LogBase, parent: LoopParent) -> list[str]:
+    """The loops started from ``parent`` (a tool call) that are on record, in the order
+    they started. Resume and re-drive both find a call's nested loops with it."""
+    found = []
+    for head in log.streams():
+        if head.parent != parent.stream:
+            continue
+        first = next(iter(log.read(head.stream, until_seq=1)), None)
+        if first is not None and getattr(first.event, "parent", None) == parent:
+            found.append((first.position, head.stream))
+    return [stream for _, stream in sorted(found)]

@@ -39,7 +39,6 @@ from moot.events import (
     IterationStart,
     LlmResponse,
     LoopFailed,
-    LoopParent,
     LoopStarted,
     ParticipantFailed,
     PayloadDelivered,
@@ -56,7 +55,7 @@ from moot.events import (
 from moot.store import MemoryEventLog
 
 from ._errors import DialogueError, ProviderError, ProviderTimeout
-from ._loop import Approval, Failed, NestedLoop, Paused, ToolLoopHandle
+from ._loop import Approval, Failed, NestedLoop, Paused, ToolLoopHandle, started_from
 from ._loop_agent import ToolLoopAgent, loop_stream_id
 from ._model import (
     Delta,
@@ -251,17 +250,6 @@ class _Recording:
         self.streams = [stream, *descendants(log, stream)]
         self.events = {s: list(log.read(s)) for s in self.streams}
 
-    def children_of(self, parent: LoopParent) -> list[str]:
-        """The loops started by one tool call (``parent``), in the order they started."""
-        found = [
-            (records[0].position, s)
-            for s, records in self.events.items()
-            if records
-            and isinstance(records[0].event, LoopStarted)
-            and records[0].event.parent == parent
-        ]
-        return [s for _, s in sorted(found)]
-
     def nested(
         self, results: dict[tuple[str, str], ToolExecutionEnd]
     ) -> Callable[[NestedLoop], NestedLoop]:
@@ -269,7 +257,7 @@ class _Recording:
         id, the model replies and the tool results its recording holds."""
 
         def place(plan: NestedLoop) -> NestedLoop:
-            recorded = self.children_of(plan.parent)
+            recorded = started_from(self.log, plan.parent)
             if plan.index >= len(recorded):
                 raise ReplayMissing(
                     f"{plan.parent.stream}: no recorded nested loop #{plan.index + 1} "
