@@ -20,11 +20,13 @@ from typing import Protocol
 
 import msgspec
 
-__all__ = ["GENESIS", "Hasher", "body_hasher", "chain_hash", "finish_hash", "key_check"]
+__all__ = ["GENESIS", "Hasher", "body_hasher", "chain_hash", "encode_header", "key_check"]
 
 GENESIS = "0" * 64
 
 _header = msgspec.json.Encoder()
+#: The header's bytes: ``encode_header((prev_hash, stream, seq, type, version, recorded_at))``.
+encode_header = _header.encode
 
 
 class Hasher(Protocol):
@@ -34,25 +36,13 @@ class Hasher(Protocol):
 
 
 def body_hasher(key: bytes | None, data: bytes) -> Hasher:
-    """The hash state after the body and its newline: the first half of an event's hash."""
+    """The hash state after the body and its newline: the first half of an event's hash.
+
+    The writer completes a copy of it with :func:`encode_header` of the row's header.
+    """
     h: Hasher = hashlib.sha256(data) if key is None else hmac.new(key, data, "sha256")
     h.update(b"\n")
     return h
-
-
-def finish_hash(
-    body: Hasher,
-    prev_hash: str,
-    stream: str,
-    seq: int,
-    type_name: str,
-    version: int,
-    recorded_at: str,
-) -> str:
-    """Complete a :func:`body_hasher` state with the row's header; returns the hex hash."""
-    h = body.copy()
-    h.update(_header.encode((prev_hash, stream, seq, type_name, version, recorded_at)))
-    return h.hexdigest()
 
 
 def chain_hash(

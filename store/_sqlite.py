@@ -18,8 +18,7 @@ import itertools
 import os
 import sqlite3
 import threading
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 import msgspec
 
@@ -94,15 +93,55 @@ class _Heads:
 
 
 class _Tx:
-    """A write transaction on the writer connection (see :class:`moot.store._base.Transaction`)."""
+    """A write transaction on the writer connection (see :class:`moot.store._base.Transaction`).
 
-    def __init__(self, conn: sqlite3.Connection, known: _Heads) -> None:
-        self._conn = conn
-        self._known = known
+    Used as a context manager: entering takes the write lock and begins, leaving commits
+    (or rolls back on an error). A class rather than a generator: this runs once per
+    commit, and ``contextlib.contextmanager`` costs several microseconds each time.
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._conn = log._wconn
+        self._known = log._known
         self.cached = False
         #: The log's last position and the heads read or written in this transaction.
         self.position = 0
         self.seen: list[StreamInfo] = []
+
+    def __enter__(self) -> Self:
+        self._log._wlock.acquire()
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            self._log._wlock.release()
+            raise StoreError(f"{self._log.path}: cannot start a write ({exc})") from exc
+        except BaseException:
+            self._log._wlock.release()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        log = self._log
+        try:
+            if kind is None:
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as error:
+                    log._rollback()
+                    raise StoreError(f"{log.path}: write failed ({error})") from error
+                except BaseException:
+                    log._rollback()
+                    raise
+                self._known.learn(self.position, self.seen)
+                return
+            log._rollback()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"{log.path}: write failed ({exc})") from exc
+        finally:
+            log._wlock.release()
 
     def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
         known = self._known
@@ -138,8 +177,9 @@ class _Tx:
             self._stale()
         for i in range(0, len(rows), _CHUNK):
             chunk = rows[i : i + _CHUNK]
+            params = chunk[0] if len(chunk) == 1 else list(itertools.chain.from_iterable(chunk))
             try:
-                conn.execute(_insert(len(chunk)), list(itertools.chain.from_iterable(chunk)))
+                conn.execute(_insert(len(chunk)), params)
             except sqlite3.IntegrityError:
                 if self.cached and i == 0:
                     self._stale()
@@ -149,8 +189,13 @@ class _Tx:
         self.seen.extend(heads)
         for i in range(0, len(heads), _CHUNK):
             chunk_heads = heads[i : i + _CHUNK]
-            params = itertools.chain.from_iterable(msgspec.structs.astuple(h) for h in chunk_heads)
-            conn.execute(_upsert(len(chunk_heads)), list(params))
+            if len(chunk_heads) == 1:
+                values: Any = msgspec.structs.astuple(chunk_heads[0])
+            else:
+                values = list(
+                    itertools.chain.from_iterable(msgspec.structs.astuple(h) for h in chunk_heads)
+                )
+            conn.execute(_upsert(len(chunk_heads)), values)
 
     def _stale(self) -> NoReturn:
         """The cached heads were stale: forget them, and read from the database from now on."""
@@ -225,25 +270,8 @@ class EventLog(LogBase):
             raise DatabaseError(f"{self.path}: this log is sealed with an audit key; give the key")
         return super().append(stream, events, expected_seq=expected_seq)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[_Tx]:
-        with self._wlock:
-            conn = self._wconn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot start a write ({exc})") from exc
-            tx = _Tx(conn, self._known)
-            try:
-                yield tx
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._rollback()
-                raise StoreError(f"{self.path}: write failed ({exc})") from exc
-            except BaseException:
-                self._rollback()
-                raise
-            self._known.learn(tx.position, tx.seen)
+    def _transaction(self) -> _Tx:
+        return _Tx(self)
 
     def _rollback(self) -> None:
         self._known.clear()

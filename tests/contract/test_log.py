@@ -89,9 +89,23 @@ def test_a_stream_must_start_properly(log: LogBase) -> None:
         log.append("d", [started()])
     with pytest.raises(IntegrityError, match="does not belong"):
         log.append("d", [IterationStart(iteration=1, message_count=0)])
+    with pytest.raises(IntegrityError, match="IterationStart does not belong"):
+        log.append("d", [message(2), IterationStart(iteration=1, message_count=0)])
+    with pytest.raises(IntegrityError, match="already started"):
+        log.append("d", [message(2), started()])
     with pytest.raises(ValueError, match="invalid stream id"):
         log.append("", [started()])
     assert log.stream_info("d").last_seq == 1
+
+    log.append("l", [LoopStarted(messages=())])
+    with pytest.raises(IntegrityError, match="already started"):
+        log.append("l", [IterationStart(iteration=1, message_count=0), LoopStarted(messages=())])
+    with pytest.raises(IntegrityError, match="DialogueMessage does not belong in loop stream"):
+        log.append("l", [IterationStart(iteration=1, message_count=0), message(3)])
+    with pytest.raises(IntegrityError, match="already started"):
+        log.append("l", [started()])
+    assert log.stream_info("l").last_seq == 1
+    assert log.append("l", [IterationStart(iteration=1, message_count=0)]) == 2
 
 
 def test_heads_track_kind_parent_status(log: LogBase) -> None:
