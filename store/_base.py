@@ -155,7 +155,8 @@ class Transaction(typing.Protocol):
     """A backend's write transaction, as the group-commit leader uses it."""
 
     def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
-        """The log's last position, and the heads of those of ``streams`` that exist."""
+        """The log's last position, and the heads of those of ``streams`` that exist
+        (in a new dict, which the caller may change)."""
         ...
 
     def write(self, rows: list[tuple[Any, ...]], heads: list[StreamInfo]) -> None:
@@ -188,6 +189,8 @@ class LogBase:
         self._commits = 0
         self._closed = False
         self.readonly = False
+        #: Why appends are refused, if they are (set by a backend).
+        self._refusal: str | None = None
 
     # ------------------------------------------------------------ backend hooks
 
@@ -248,6 +251,8 @@ class LogBase:
             raise ValueError(f"invalid stream id {stream!r}")
         if self.readonly:
             raise DatabaseError("this event log is open read-only")
+        if self._refusal is not None:
+            raise DatabaseError(self._refusal)
         request = _Append(stream, events, expected_seq, self._key)
         self._submit(request)
         if request.error is not None:
@@ -361,7 +366,12 @@ class LogBase:
         """
         try:
             with self._transaction() as tx:
-                self._plan(tx, batch)
+                try:
+                    self._plan(tx, batch)
+                except StaleHeads:  # nothing was written: plan again from the database
+                    for r in batch:
+                        r.error, r.result = None, 0
+                    self._plan(tx, batch)
                 if committed:
                     _release(committed)
         except Exception as exc:  # noqa: BLE001  routed to each caller, who raises it
@@ -374,19 +384,11 @@ class LogBase:
             raise
 
     def _plan(self, tx: Transaction, batch: list[_Append]) -> None:
-        """Turn the batch into rows and heads; refused requests get their error instead."""
-        try:
-            self._plan_from(tx, batch)
-        except StaleHeads:
-            for r in batch:
-                r.error, r.result = None, 0
-            self._plan_from(tx, batch)
-
-    def _plan_from(self, tx: Transaction, batch: list[_Append]) -> None:
+        """Turn the batch into rows and heads, and write them; refused requests get
+        their error instead."""
         recorded_at = utc_now()
         header = encode_header
-        position, loaded = tx.heads({r.stream for r in batch})
-        heads: dict[str, StreamInfo | None] = dict(loaded)
+        position, heads = tx.heads({r.stream for r in batch})
         changed: dict[str, StreamInfo] = {}
         rows: list[tuple[Any, ...]] = []
         for r in batch:

@@ -283,6 +283,10 @@ def test_a_forged_row_with_plain_sha256_is_found_under_an_audit_key(db_path: Pat
     # Without the key nobody can verify (or write) a sealed log.
     with pytest.raises(DatabaseError, match="audit key"), EventLog(db_path, readonly=True) as log:
         log.verify()
+    with EventLog(db_path) as log, pytest.raises(DatabaseError, match="sealed with an audit key"):
+        log.append("d", [message("unsigned")])
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (13,)
     with pytest.raises(DatabaseError, match="does not match"):
         EventLog(db_path, audit_key=b"wrong")
 
