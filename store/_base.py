@@ -138,11 +138,23 @@ class _Append:
 
 
 def _release(callers: list[_Append]) -> None:
-    """Wake the callers of a committed batch (once; the list is emptied)."""
+    """Wake the callers of a committed batch; the list is emptied.
+
+    Safe to repeat (an interruption half-way through is finished by a second call):
+    waking a caller twice is harmless.
+    """
     for r in callers:
         if r.wake is not None:
-            r.wake.release()
+            try:  # noqa: SIM105  (contextlib.suppress costs a microsecond per caller)
+                r.wake.release()
+            except RuntimeError:  # released before, and not yet taken by its caller
+                pass
     callers.clear()
+
+
+def _interrupted() -> StoreError:
+    """What a caller hears when the leader committing its request was interrupted."""
+    return StoreError("interrupted while committing; the events may not be written")
 
 
 class StaleHeads(Exception):
@@ -177,6 +189,8 @@ class LogBase:
         #: a commit (subscriptions, close); the hot paths take the bare lock, whose
         #: ``with`` costs a tenth of the condition's.
         self._guard = threading.Lock()
+        #: Held around each write transaction (a backend may share it with its reads).
+        self._write_lock = threading.Lock()
         self._cond = threading.Condition(self._guard)
         #: Who waits on the condition (CPython keeps them in a deque, changed only under
         #: the lock): notifying nobody costs three Python calls per notify_all.
@@ -314,45 +328,48 @@ class LogBase:
         rounds the lead goes to the first caller still waiting, so the leader's own
         caller returns.
         """
-        committed: list[_Append] = []
         guard = self._guard
+        committed: list[_Append] = []  # done; their callers not yet woken
+        batch: list[_Append] = []  # taken from the queue, not yet done
+        ok = False  # whether batch's transaction has ended (committed, or failed cleanly)
         try:
             with guard:
                 self._successor = None  # the lead is taken up
                 batch, self._queue = self._queue, []
             rounds = 0
-            while True:
-                ok = False
-                try:
-                    self._commit_batch(batch, committed)
-                    ok = True
-                finally:
-                    if committed:  # not yet released if the commit failed before COMMIT
-                        _release(committed)
+            while batch:
+                self._commit_batch(batch, committed)
+                ok = True
+                _release(committed)  # if the commit failed before it could
+                rounds += 1
+                with guard:
+                    for r in batch:
+                        r.done = True
+                    self._commits += 1
                     committed = batch
-                    rounds += 1
-                    with guard:
-                        for r in batch:
-                            r.done = True
-                        self._commits += 1
-                        more = ok and bool(self._queue) and rounds < _ROUNDS
-                        if more:  # the next batch, taken in the same breath
-                            batch, self._queue = self._queue, []
-                        if self._waiters:  # subscriptions and close() wait for commits
-                            self._cond.notify_all()
-                if not more:
-                    break
+                    if self._queue and rounds < _ROUNDS:  # the next batch, in the same breath
+                        batch, self._queue, ok = self._queue, [], False
+                    else:
+                        batch = []
+                    if self._waiters:  # subscriptions and close() wait for commits
+                        self._cond.notify_all()
         finally:
-            # Always pass the lead on (or give it up), also when interrupted: a queued
-            # caller must never wait for a leader that is gone.
+            # Also when interrupted (Ctrl-C) anywhere: every caller taken from the queue
+            # hears how its request ended, and the lead is passed on (or given up), so a
+            # queued caller never waits for a leader that is gone.
             with guard:
+                for r in batch:
+                    if not r.done:
+                        if not ok and r.error is None:
+                            r.error = _interrupted()
+                        r.done = True
                 successor = self._queue[0] if self._queue else None
                 self._leading = successor is not None
                 self._successor = successor
                 if self._waiters:
                     self._cond.notify_all()
-            if committed:
-                _release(committed)
+            _release(committed)
+            _release(batch)
             if successor is not None and successor.wake is not None:
                 successor.wake.release()
 
@@ -365,7 +382,7 @@ class LogBase:
         on up in the leader.
         """
         try:
-            with self._transaction() as tx:
+            with self._write_lock, self._transaction() as tx:
                 try:
                     self._plan(tx, batch)
                 except StaleHeads:  # nothing was written: plan again from the database
@@ -380,7 +397,7 @@ class LogBase:
                     r.error = exc
         except BaseException:
             for r in batch:
-                r.error = StoreError("interrupted while committing; the events may not be written")
+                r.error = _interrupted()
             raise
 
     def _plan(self, tx: Transaction, batch: list[_Append]) -> None:

@@ -6,15 +6,15 @@ the process.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ._base import LogBase
 from ._records import StoredEvent, StreamInfo
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
 __all__ = ["MemoryEventLog"]
 
@@ -44,6 +44,7 @@ class MemoryEventLog(LogBase):
         super().__init__(audit_key)
         self.path = ":memory:"
         self._lock = threading.Lock()
+        self._write_lock = self._lock
         self._rows: list[StoredEvent] = []
         self._by_stream: dict[str, list[StoredEvent]] = {}
         self._streams: dict[str, StreamInfo] = {}
@@ -51,10 +52,8 @@ class MemoryEventLog(LogBase):
     def __repr__(self) -> str:
         return "MemoryEventLog()"
 
-    @contextmanager
-    def _transaction(self) -> Iterator[_Tx]:
-        with self._lock:
-            yield _Tx(self)
+    def _transaction(self) -> contextlib.nullcontext[_Tx]:
+        return contextlib.nullcontext(_Tx(self))  # under self._lock (the write lock)
 
     def _page_stream(
         self, stream: str, after_seq: int, until_seq: int | None, limit: int

@@ -95,8 +95,8 @@ class _Heads:
 class _Tx:
     """A write transaction on the writer connection (see :class:`moot.store._base.Transaction`).
 
-    Used as a context manager: entering takes the write lock and begins, leaving commits
-    (or rolls back on an error). A class rather than a generator: this runs once per
+    Used as a context manager, under the log's write lock: entering begins, leaving
+    commits (or rolls back on an error). A class rather than a generator: this runs once per
     commit, and ``contextlib.contextmanager`` costs several microseconds each time.
     """
 
@@ -110,14 +110,13 @@ class _Tx:
         self.seen: list[StreamInfo] = []
 
     def __enter__(self) -> Self:
-        self._log._wlock.acquire()
+        # The caller holds the log's write lock (see LogBase._commit_batch).
         try:
             self._conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            self._log._wlock.release()
             raise StoreError(f"{self._log.path}: cannot start a write ({exc})") from exc
-        except BaseException:
-            self._log._wlock.release()
+        except BaseException:  # interrupted, perhaps just after BEGIN: leave no write open
+            self._log._rollback()
             raise
         return self
 
@@ -125,23 +124,20 @@ class _Tx:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
         log = self._log
-        try:
-            if kind is None:
-                try:
-                    self._conn.execute("COMMIT")
-                except sqlite3.Error as error:
-                    log._rollback()
-                    raise StoreError(f"{log.path}: write failed ({error})") from error
-                except BaseException:
-                    log._rollback()
-                    raise
-                self._known.learn(self.position, self.seen)
-                return
-            log._rollback()
-            if isinstance(exc, sqlite3.Error):
-                raise StoreError(f"{log.path}: write failed ({exc})") from exc
-        finally:
-            log._wlock.release()
+        if kind is None:
+            try:
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as error:
+                log._rollback()
+                raise StoreError(f"{log.path}: write failed ({error})") from error
+            except BaseException:
+                log._rollback()
+                raise
+            self._known.learn(self.position, self.seen)
+            return
+        log._rollback()
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"{log.path}: write failed ({exc})") from exc
 
     def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
         known = self._known
@@ -255,11 +251,11 @@ class EventLog(LogBase):
         if self._memory or readonly:
             self._rconn = conn
             self._rlock = threading.Lock()
-            self._wlock = self._rlock
+            self._write_lock = self._rlock
         else:
             self._rconn = connect(self.path, readonly=True, timeout=timeout)
             self._rlock = threading.Lock()
-            self._wlock = threading.Lock()
+            self._write_lock = threading.Lock()
         self._known = _Heads()
 
     def __repr__(self) -> str:
@@ -366,5 +362,5 @@ class EventLog(LogBase):
     def _close(self) -> None:
         with self._rlock:
             self._rconn.close()
-        with self._wlock:
+        with self._write_lock:
             self._wconn.close()

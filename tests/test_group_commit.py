@@ -109,6 +109,39 @@ def test_an_interrupted_leader_passes_the_lead_on() -> None:
         log.append("d", started())
 
 
+class InterruptedBetweenRounds(Gated):
+    """The leader's first batch commits with one more append queued behind it; the
+    leader is interrupted (Ctrl-C) as it starts on that second batch."""
+
+    def __init__(self) -> None:
+        super().__init__(queued=1)
+        self.batches: list[list[str]] = []
+
+    def _commit_batch(self, batch: list[Any], committed: list[Any]) -> None:
+        self.batches.append([r.stream for r in batch])
+        if len(self.batches) == 2:
+            raise KeyboardInterrupt
+        super()._commit_batch(batch, committed)
+
+
+def test_a_leader_interrupted_between_rounds_answers_the_batch_it_took() -> None:
+    log = InterruptedBetweenRounds()
+    out = run_all(
+        log,
+        {
+            "a": lambda: log.append("a", started()),
+            "b": lambda: log.append("b", started()),
+        },
+    )
+    assert log.batches == [["a"], ["b"]]  # the leader took b's request from the queue
+    assert isinstance(out["a"], KeyboardInterrupt)
+    # b's caller is neither left waiting nor told that it succeeded: nothing was written.
+    assert isinstance(out["b"], StoreError) and "interrupted" in str(out["b"])
+    assert [h.stream for h in log.streams()] == ["a"]
+    assert log._queue == [] and not log._leading
+    assert log.append("b", started(), expected_seq=0) == 1  # the log still works
+
+
 class Held(MemoryEventLog):
     """The first transaction waits for ``proceed``."""
 
