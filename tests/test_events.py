@@ -47,6 +47,7 @@ from moot.events import (
     evolve,
     fold,
 )
+from moot.store import EventLog
 from tests.samples import dialogue_events, loop_events
 
 
@@ -289,3 +290,11 @@ def test_folding_is_deterministic_and_replay_equals_step_by_step(events: list[ob
         state = evolve(state, event)  # type: ignore[arg-type]
         assert state == fold(events[:k])
     assert state == once
+    # And the log's replay, through the codec and SQLite, equals the same steps.
+    with EventLog(":memory:") as log:
+        log.append("d", events)  # type: ignore[arg-type]
+        state = None
+        for k, event in enumerate(events, start=1):
+            state = evolve(state, event)  # type: ignore[arg-type]
+            assert log.replay("d", until_seq=k) == state
+        assert log.replay("d") == once

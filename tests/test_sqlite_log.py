@@ -17,19 +17,23 @@ import msgspec
 import pytest
 
 from moot.events import (
+    ChatMessage,
     DialogueMessage,
     DialogueStarted,
+    Done,
     IterationStart,
     LlmResponse,
     LoopStarted,
+    LoopState,
     ParticipantInfo,
     Speaker,
+    Termination,
     ToolCallBlock,
     ToolCallDecided,
     ToolExecutionEnd,
     ToolExecutionStart,
 )
-from moot.store import SCHEMA_VERSION, ConcurrencyError, DatabaseError, EventLog
+from moot.store import SCHEMA_VERSION, ConcurrencyError, DatabaseError, EventLog, chain_hash
 from moot.store._sqlite import _Heads
 from tests.samples import dialogue_events
 
@@ -356,6 +360,32 @@ def test_schema_and_pragmas(db_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- views
+
+
+def test_a_v1_row_written_by_an_older_moot_is_read_back_as_v2(db_path: Path) -> None:
+    """Done v1 (``response`` instead of ``termination``) sits in the log as it was
+    written, hash and all; reading, replay and verify see the v2 event."""
+    with EventLog(db_path) as log:
+        log.append("l", [LoopStarted(messages=(ChatMessage.text("user", "hi"),))])
+        head = log.stream_info("l")
+    v1 = '{"type":"Done","termination":"max_iterations","iterations":3,"response":[]}'
+    at = "2025-01-02T03:04:05.000006Z"
+    digest = chain_hash(None, head.last_hash, "l", 2, "Done", 1, at, v1.encode())
+    tamper(
+        db_path,
+        f"INSERT INTO events VALUES (2, 'l', 2, 'Done', 1, '{at}', '{v1}', "
+        f"'{head.last_hash}', '{digest}')",
+        f"UPDATE streams SET last_seq = 2, last_hash = '{digest}', last_position = 2, "
+        "status = 'completed' WHERE stream = 'l'",
+    )
+    with EventLog(db_path, readonly=True) as log:
+        done = list(log.read("l"))[-1]
+        assert (done.type, done.version) == ("Done", 1)
+        assert done.event == Done(termination=Termination(reason="max_iterations"), iterations=3)
+        state = log.replay("l")
+        assert isinstance(state, LoopState)
+        assert (state.status, state.termination) == ("completed", done.event.termination)
+        assert log.verify().ok
 
 
 def test_messages_and_tool_calls_views(db_path: Path) -> None:
