@@ -21,11 +21,13 @@ from moot.events import (
     TurnCompleted,
     TurnStarted,
 )
-from moot.store import EventLog, LogBase
+from moot.store import EventLog, LogBase, Subscription
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
+
+    from moot.actors._session import TurnReply
 
 TIMEOUT = 30
 
@@ -90,6 +92,101 @@ def test_broadcast_yield_orders(
     )
     completed = events_of(log, d.stream, TurnCompleted)[0]
     assert list(completed.yielded) == expected
+
+
+def event_at(log: LogBase, stream: str, seq: int) -> object:
+    (record,) = log.read(stream, seq - 1, until_seq=seq)
+    return record.event
+
+
+def gated(name: str, gates: dict[str, threading.Event]) -> Participant:
+    """A participant that answers its name in capitals once the test sets its gate."""
+
+    def respond(payload: Payload) -> str:
+        assert gates[name].wait(TIMEOUT)
+        return name.upper()
+
+    return Participant(name, CallableAgent(respond))
+
+
+def wait_for_reply(follow: Subscription, name: str) -> None:
+    """Follow the log until ``name``'s reply is appended (the subscription is woken by
+    each append; ``TIMEOUT`` only bounds a failure)."""
+    while (record := follow.next(timeout=TIMEOUT)) is not None:
+        event = record.event
+        if (
+            isinstance(event, DialogueMessage)
+            and event.origin == "agent"
+            and event.speaker.name == name
+        ):
+            return
+    pytest.fail(f"{name}'s reply was never appended")
+
+
+@pytest.mark.parametrize(
+    ("order", "names", "yield_order"),
+    [
+        ("completion", (), ["fast", "slow", "mid"]),  # the release order
+        ("participant_order", (), ["slow", "mid", "fast"]),
+        ("explicit", ("mid", "fast"), ["mid", "fast", "slow"]),
+    ],
+)
+def test_each_reply_is_on_record_when_it_completes_not_when_it_is_yielded(
+    log: LogBase, order: str, names: tuple[str, ...], yield_order: list[str]
+) -> None:
+    release = ["fast", "slow", "mid"]
+    gates = {n: threading.Event() for n in ("slow", "mid", "fast")}
+    d = Dialogue.create(
+        log,
+        participants=[gated(n, gates) for n in ("slow", "mid", "fast")],
+        order=order,
+        names=names,
+    )
+    follow = log.subscribe(stream=d.stream)
+    yielded: list[str] = []
+    try:
+        session = d.session("go")
+        for i, name in enumerate(release):
+            gates[name].set()
+            done = release[: i + 1]
+            # The yield order lets through its longest prefix of the replies completed.
+            blocked = [k for k, n in enumerate(yield_order) if n not in done]
+            prefix = yield_order[: blocked[0]] if blocked else yield_order
+            for expected in prefix[len(yielded) :]:
+                reply = session.next_turn(timeout=TIMEOUT)
+                assert reply is not None and reply.participant == expected
+                yielded.append(expected)
+                # Whatever the session hands over is already on record, at its seq.
+                assert reply.seq is not None
+                on_record = event_at(log, d.stream, reply.seq)
+                assert isinstance(on_record, DialogueMessage)
+                assert (on_record.speaker.name, on_record.content) == (expected, expected.upper())
+            if name not in yielded:  # held back by the yield order: appended all the same
+                wait_for_reply(follow, name)
+            # The log holds exactly the replies completed so far, once each, in the
+            # order they completed; nothing of those still blocked.
+            recorded = [
+                (m.speaker.name, m.content, m.completion_index)
+                for m in events_of(log, d.stream, DialogueMessage)
+                if m.origin == "agent"
+            ]
+            assert recorded == [(n, n.upper(), k) for k, n in enumerate(done)]
+            if i < len(release) - 1:  # the turn is open; the blocked ones have nothing
+                assert events_of(log, d.stream, TurnCompleted) == []
+                with pytest.raises(TimeoutError):
+                    session.next_turn(timeout=0)
+        assert session.next_turn(timeout=TIMEOUT) is None
+    finally:
+        for gate in gates.values():
+            gate.set()
+        follow.close()
+    d.close()
+    assert yielded == yield_order
+    completed = events_of(log, d.stream, TurnCompleted)
+    assert [(c.turn, list(c.yielded), c.failed) for c in completed] == [(1, yield_order, ())]
+    replies = [m for m in events_of(log, d.stream, DialogueMessage) if m.origin == "agent"]
+    assert [m.speaker.name for m in replies] == release  # still once each
+    assert events_of(log, d.stream, ParticipantFailed) == []
 
 
 def test_closing_a_session_early_loses_no_reply(log: LogBase) -> None:
@@ -163,6 +260,70 @@ def test_sequential_chains(log: LogBase) -> None:
     assert got["b"][2] == ["t3"]
     assert got["a"][2] == ["t3", "b3"]
     d.close()
+
+
+def test_a_chain_brings_its_first_speaker_the_last_outputs_it_missed(log: LogBase) -> None:
+    """Turn 2 runs without b and produces nothing; b, first in turn 3, gets turn 1's
+    outputs, which it never received, and not only what turn 2 (nothing) added."""
+    got: dict[str, list[tuple[int, list[str]]]] = {"a": [], "b": [], "c": []}
+
+    def agent(name: str) -> Participant:
+        def respond(payload: Payload) -> str:
+            got[name].append((payload.turn, [m.content for m in payload.messages]))
+            if payload.turn == 2:
+                raise RuntimeError("down")
+            return f"{name}{payload.turn}"
+
+        return Participant(name, CallableAgent(respond))
+
+    chain = '{"mode": "sequential", "order": "explicit", "names": ["b", "a"]}'
+    moderator = LlmAgent(
+        ScriptedProvider([ScriptedReply(text=t) for t in (chain, "mentioned", chain)])
+    )
+    d = Dialogue.create(
+        log,
+        mode="moderator",
+        moderator=moderator,
+        participants=[agent("a"), agent("b"), agent("c")],
+    )
+    assert [(r.participant, r.content) for r in d.run("t1")] == [
+        ("b", "b1"),
+        ("a", "a1"),
+        ("c", "c1"),
+    ]
+    assert got["b"] == [(1, ["t1"])]  # the first of turn 1 saw none of its outputs
+    second = d.run("@c t2")  # only c speaks, and fails: turn 2 produces nothing
+    assert [(r.participant, r.ok) for r in second] == [("c", False)]
+    assert got["b"] == [(1, ["t1"])] and got["a"] == [(1, ["t1", "b1"])]
+    third = d.run("t3")
+    d.close()
+    assert [(r.participant, r.content) for r in third] == [("b", "b3"), ("a", "a3"), ("c", "c3")]
+    # b gets everything said since its last payload, its own reply excepted: turn 1's
+    # outputs of the others (the last turn that produced any), turn 2's input, turn 3's.
+    assert got["b"][1] == (3, ["a1", "c1", "@c t2", "t3"])
+    assert got["a"][1] == (3, ["c1", "@c t2", "t3", "b3"])
+    assert got["c"] == [(1, ["t1", "b1", "a1"]), (2, ["@c t2"]), (3, ["t3", "b3", "a3"])]
+    # ...and the log records exactly those payloads.
+    by_seq = dict(seqs_of(log, d.stream, DialogueMessage))
+    delivered = [
+        (p.turn, p.participant, [by_seq[s].content for s in p.messages])
+        for p in events_of(log, d.stream, PayloadDelivered)
+    ]
+    assert delivered == [
+        (1, "b", ["t1"]),
+        (1, "a", ["t1", "b1"]),
+        (1, "c", ["t1", "b1", "a1"]),
+        (2, "c", ["@c t2"]),
+        (3, "b", ["a1", "c1", "@c t2", "t3"]),
+        (3, "a", ["c1", "@c t2", "t3", "b3"]),
+        (3, "c", ["t3", "b3", "a3"]),
+    ]
+    started = events_of(log, d.stream, TurnStarted)
+    assert [(s.turn, s.mode, s.speakers) for s in started] == [
+        (1, "sequential", ("b", "a", "c")),
+        (2, "mentioned", ("c",)),
+        (3, "sequential", ("b", "a", "c")),
+    ]
 
 
 def joiner_run(log: LogBase, strategy: JoiningStrategy | None) -> tuple[Dialogue, dict[str, list]]:  # type: ignore[type-arg]
@@ -310,11 +471,38 @@ def test_a_failing_participant_costs_nobody_else(log: LogBase) -> None:
     assert [(r.participant, r.ok) for r in first] == [("a", True), ("x", False), ("b", True)]
     assert first[1].error is not None and first[1].error.message == "bad day"
     assert first[1].error.kind == "ValueError"
-    assert [r.content for r in d.run("t2") if r.ok] == ["a2", "b2"]  # it goes on
+    second = d.run("t2")
+    assert [r.content for r in second if r.ok] == ["a2", "b2"]  # it goes on
     d.close()
     failed = events_of(log, d.stream, ParticipantFailed)
     assert [(f.turn, f.participant) for f in failed] == [(1, "x"), (2, "x")]
-    assert events_of(log, d.stream, TurnCompleted)[0].failed == ("x",)
+    assert [(f.error.kind, f.error.message) for f in failed] == [("ValueError", "bad day")] * 2
+    assert [c.failed for c in events_of(log, d.stream, TurnCompleted)] == [("x",), ("x",)]
+    # The others' replies are on record alongside the failure, and x's never is.
+    replies = [
+        (m.turn, m.speaker.name, m.content)
+        for m in events_of(log, d.stream, DialogueMessage)
+        if m.origin == "agent"
+    ]
+    assert sorted(replies) == [(1, "a", "a1"), (1, "b", "b1"), (2, "a", "a2"), (2, "b", "b2")]
+    # Each reply handed out is the event at its seq: a message, or the failure.
+    for reply in [*first, *second]:
+        assert reply.seq is not None
+        event = event_at(log, d.stream, reply.seq)
+        if reply.ok:
+            assert isinstance(event, DialogueMessage)
+            assert (event.turn, event.speaker.name, event.content) == (
+                reply.turn,
+                reply.participant,
+                reply.content,
+            )
+        else:
+            assert isinstance(event, ParticipantFailed)
+            assert (event.turn, event.participant, event.error) == (
+                reply.turn,
+                "x",
+                reply.error,
+            )
 
 
 def test_live_state_equals_replay_after_every_turn(log: LogBase) -> None:
@@ -352,14 +540,23 @@ def test_inputs_that_do_not_react_wait_for_the_next_turn(log: LogBase) -> None:
 
 
 def test_async_sessions_do_not_block_the_loop(log: LogBase) -> None:
-    gate = threading.Event()
+    gates = {1: threading.Event(), 2: threading.Event()}
+    gate = gates[1]
+    #: Per turn, what s calls before it waits for its gate.
+    waiting: dict[int, Callable[[], object]] = {}
 
     def slow(payload: Payload) -> str:
-        assert gate.wait(TIMEOUT)
-        return "late"
+        if payload.turn in waiting:
+            waiting[payload.turn]()
+        assert gates[payload.turn].wait(TIMEOUT)
+        return "late" if payload.turn == 1 else f"late{payload.turn}"
 
+    # f is yielded first whenever it completes; s only once released.
     d = Dialogue.create(
-        log, participants=[Participant("s", CallableAgent(slow)), scripted("f", "fast")]
+        log,
+        participants=[Participant("s", CallableAgent(slow)), scripted("f", "fast", "fast2")],
+        order="explicit",
+        names=("f", "s"),
     )
 
     async def main() -> list[str]:
@@ -384,7 +581,29 @@ def test_async_sessions_do_not_block_the_loop(log: LogBase) -> None:
         return await asyncio.wait_for(main(), TIMEOUT)
 
     assert asyncio.run(bounded()) == ["fast", "late"]
-    assert asyncio.run(d.run_async("again", timeout=TIMEOUT)) != []
+
+    async def again() -> list[TurnReply]:
+        loop = asyncio.get_running_loop()
+        asked = asyncio.Event()
+        waiting[2] = lambda: loop.call_soon_threadsafe(asked.set)
+
+        async def release() -> None:
+            await asked.wait()  # s is waiting for this loop...
+            gates[2].set()  # ...which must run while run_async is awaited to let it go
+
+        task = asyncio.create_task(release())
+        replies = await d.run_async("again", timeout=TIMEOUT)
+        await task
+        return replies
+
+    async def bounded_again() -> list[TurnReply]:
+        return await asyncio.wait_for(again(), TIMEOUT)
+
+    replies = asyncio.run(bounded_again())
+    assert [(r.turn, r.participant, r.content, r.error) for r in replies] == [
+        (2, "f", "fast2", None),
+        (2, "s", "late2", None),
+    ]
     d.close()
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,6 +14,9 @@ from moot.actors._errors import DialogueError
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
 from moot.events import DialogueMessage, ParticipantFailed, PayloadDelivered, TurnStarted
 from moot.store import MemoryEventLog, StoreError
+
+if TYPE_CHECKING:
+    import concurrent.futures
 
 T = 30
 
@@ -56,16 +60,33 @@ def test_a_failed_append_fails_the_turn_not_the_dialogue() -> None:
     assert contents == ["second try", "reply 1", "third"]
 
 
-def test_membership_changes_wait_for_the_turn_and_report_errors() -> None:
+def test_membership_changes_wait_for_the_turn_and_report_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     gate = threading.Event()
+    running = threading.Event()
 
     def slow(payload: Payload) -> str:
+        running.set()
         assert gate.wait(T)
         return "done"
 
     log = MemoryEventLog()
     d = Dialogue.create(log, participants=[Participant("a", CallableAgent(slow))])
+    # Dialogue.join/remove ask the coordinator, which answers with a future at once and
+    # settles it when the change has run; note each future as the coordinator hands it.
+    held: queue.Queue[tuple[str, concurrent.futures.Future[None]]] = queue.Queue()
+    ask = d._ask
+
+    def noting(message: Any) -> Any:
+        answer = ask(message)
+        if isinstance(message, tuple) and message[0] in ("join", "remove"):
+            held.put((message[0], answer))
+        return answer
+
+    monkeypatch.setattr(d, "_ask", noting)
     session = d.session("go")
+    assert running.wait(T)  # the turn is in progress, held by a's gate
     outcome: dict[str, object] = {}
 
     def remove_nobody() -> None:
@@ -74,15 +95,31 @@ def test_membership_changes_wait_for_the_turn_and_report_errors() -> None:
         except DialogueError as exc:
             outcome["error"] = exc
 
-    t = threading.Thread(target=remove_nobody)
-    t.start()
-    t.join(0.2)
-    assert t.is_alive()  # it waits for the turn in progress...
+    def join_b() -> None:
+        d.join(Participant("b", CallableAgent(lambda p: "b!")))
+        outcome["joined"] = True
+
+    threads = [threading.Thread(target=remove_nobody), threading.Thread(target=join_b)]
+    for t in threads:
+        t.start()
+    futures = dict(held.get(timeout=T) for _ in threads)  # both held by the coordinator
+    assert sorted(futures) == ["join", "remove"]
+    # ...which waits for the turn in progress: neither has run, nothing is on record.
+    assert not any(f.done() for f in futures.values())
+    assert all(t.is_alive() for t in threads) and outcome == {}
+    recorded = [type(r.event).__name__ for r in log.read(d.stream)]
+    assert recorded == ["DialogueStarted", "DialogueMessage", "TurnStarted", "PayloadDelivered"]
+    assert list(d.state().participants) == ["a"]
     gate.set()
-    t.join(T)
+    for t in threads:
+        t.join(T)
+        assert not t.is_alive()
     assert "no such participant" in str(outcome["error"])  # ...and then reports the error
+    assert isinstance(futures["remove"].exception(0), DialogueError)
+    assert outcome["joined"] is True and futures["join"].result(0) is None
     assert [r.content for r in session.all(T)] == ["done"]
-    d.join(Participant("b", CallableAgent(lambda p: "b!")))
+    recorded = [type(r.event).__name__ for r in log.read(d.stream)]
+    assert recorded[4:] == ["DialogueMessage", "TurnCompleted", "ParticipantJoined"]
     assert sorted(r.content or "" for r in d.run("again", timeout=T)) == ["b!", "done"]
     d.close()
 
@@ -141,9 +178,14 @@ def test_stopping_a_dialogue_tells_whoever_waits() -> None:
     d = Dialogue.create(MemoryEventLog(), participants=[Participant("a", CallableAgent(stuck))])
     running = d.session("one")
     queued = d.session("two")
-    d.stop()
-    gate.set()
+    # stop() waits for the stuck participant; whoever waits on a session hears first.
+    stopper = threading.Thread(target=d.stop)
+    stopper.start()
     with pytest.raises(DialogueError, match="coordinator has stopped"):
         running.all(T)
     with pytest.raises(DialogueError, match="coordinator has stopped"):
         queued.all(T)
+    assert stopper.is_alive()  # still waiting for the participant stuck in its agent
+    gate.set()
+    stopper.join(T)
+    assert not stopper.is_alive()
