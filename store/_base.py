@@ -340,7 +340,8 @@ class LogBase:
             while batch:
                 self._commit_batch(batch, committed)
                 ok = True
-                _release(committed)  # if the commit failed before it could
+                if committed:  # the commit failed before it could release them
+                    _release(committed)
                 rounds += 1
                 with guard:
                     for r in batch:
@@ -368,8 +369,10 @@ class LogBase:
                 self._successor = successor
                 if self._waiters:
                     self._cond.notify_all()
-            _release(committed)
-            _release(batch)
+            if committed:
+                _release(committed)
+            if batch:
+                _release(batch)
             if successor is not None and successor.wake is not None:
                 successor.wake.release()
 
@@ -405,7 +408,8 @@ class LogBase:
         their error instead."""
         recorded_at = utc_now()
         header = encode_header
-        position, heads = tx.heads({r.stream for r in batch})
+        streams = {batch[0].stream} if len(batch) == 1 else {r.stream for r in batch}
+        position, heads = tx.heads(streams)
         changed: dict[str, StreamInfo] = {}
         rows: list[tuple[Any, ...]] = []
         for r in batch:

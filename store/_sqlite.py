@@ -142,7 +142,12 @@ class _Tx:
     def heads(self, streams: set[str]) -> tuple[int, dict[str, StreamInfo]]:
         known = self._known
         if known.position is not None:
-            found = {s: known.streams[s] for s in streams if s in known.streams}
+            cached = known.streams
+            if len(streams) == 1:  # the usual case, without a comprehension
+                (name,) = streams
+                found = {name: cached[name]} if name in cached else {}
+            else:
+                found = {s: cached[s] for s in streams if s in cached}
             if len(found) == len(streams):
                 self.cached = True
                 self.position = known.position
