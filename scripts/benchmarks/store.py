@@ -54,6 +54,12 @@ def median(fn: Callable[[], float], runs: int) -> float:
     return statistics.median(fn() for _ in range(runs))
 
 
+def spread(ours: list[float], bases: list[float]) -> str:
+    """The lowest and highest ratio of one run to its own baseline: how noisy the disk was."""
+    ratios = [o / b for o, b in zip(ours, bases, strict=True)]
+    return f"(runs {min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def fresh_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="moot-bench-"))
 
@@ -295,7 +301,7 @@ def main() -> None:
         print(
             f"group commit, 8 threads x {per_call} event(s)/append: {ours:,.0f} events/s "
             f"(~{group:.0f} events/commit)  raw sqlite3, same rows/commit: {base:,.0f} rows/s"
-            f"  ratio {ours / base:.2f}"
+            f"  ratio {ours / base:.2f} {spread([r[0] for r in results], bases)}"
         )
 
     singles, raws, heads = [], [], []
@@ -306,8 +312,8 @@ def main() -> None:
     ours, base, head = (statistics.median(x) for x in (singles, raws, heads))
     print(
         f"one event per commit, 1 thread: {ours:,.0f} events/s  raw sqlite3 (event row only): "
-        f"{base:,.0f}/s  ratio {ours / base:.2f}  raw sqlite3 (event row + stream head): "
-        f"{head:,.0f}/s  ratio {ours / head:.2f}"
+        f"{base:,.0f}/s  ratio {ours / base:.2f} {spread(singles, raws)}  raw sqlite3 (event "
+        f"row + stream head): {head:,.0f}/s  ratio {ours / head:.2f} {spread(singles, heads)}"
     )
 
     if args.appends_only:
