@@ -66,7 +66,9 @@ class _Heads:
     without gaps, so the stale plan's first row takes a position that is already
     taken, its INSERT fails on the primary key, and the batch is planned again from
     the database (see :class:`_Tx`). A plan that writes no rows proves nothing, so it
-    is never trusted from here.
+    is never trusted from here. Reading heads from the database also reads the last
+    position; if it is not this writer's, every remembered head is forgotten. So
+    whenever the remembered position is the database's, so is every remembered head.
     """
 
     #: Heads kept at most; the least recently written are forgotten first.
@@ -165,6 +167,10 @@ class _Tx:
         ).fetchall()
         found = {r[1]: StreamInfo(*r[1:]) for r in rows if r[1] is not None}
         self.position = int(rows[-1][0] or 0)
+        if known.position is not None and self.position != known.position:
+            # Someone else has written since this writer's last commit: any head it
+            # remembers may be stale, not only the ones asked for now.
+            known.clear()
         self.seen = list(found.values())
         return self.position, found
 

@@ -34,6 +34,7 @@ from moot.events import (
     ToolExecutionStart,
 )
 from moot.store import SCHEMA_VERSION, ConcurrencyError, DatabaseError, EventLog, chain_hash
+from moot.store._base import _Append
 from moot.store._sqlite import _Heads
 from tests.samples import dialogue_events
 
@@ -138,6 +139,26 @@ def test_two_logs_on_one_file_see_each_others_appends(db_path: Path) -> None:
             assert [r.position for r in log.read_all()] == list(range(1, 9))
             assert [h.last_seq for h in sorted(log.streams(), key=lambda h: h.stream)] == [5, 3]
             assert log.verify().ok
+
+
+def test_heads_remembered_from_before_another_writer_are_not_trusted(db_path: Path) -> None:
+    """A writer that reads one stream's head from the file learns that someone else has
+    written; the heads it remembers for other streams are stale, and must not be used."""
+    with EventLog(db_path) as one, EventLog(db_path) as two:
+        one.append("x", [started()])
+        one.append("z", [started()])  # one remembers x and z at seq 1
+        two.append("x", [message("by two")])  # x is at seq 2 now
+        one.append("y", [started()])  # a new stream: one reads the file's last position
+        # x (expecting seq 2, as it is) and z, in one commit of one's, as group commit
+        # would put them when their callers queue behind the same leader.
+        x = _Append("x", [message("x3")], 2, None)
+        z = _Append("z", [message("z2")], None, None)
+        one._commit_batch([x, z], [])
+        assert (x.error, x.result) == (None, 3)
+        assert (z.error, z.result) == (None, 2)
+        contents = [r.event.content for r in two.read("x") if isinstance(r.event, DialogueMessage)]
+        assert contents == ["by two", "x3"]
+        assert one.verify().ok
 
 
 def test_a_writer_keeps_a_bounded_number_of_heads(
