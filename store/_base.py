@@ -16,6 +16,7 @@ single thread appending alone never waits for anyone.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import threading
 import time
 import typing
@@ -190,7 +191,7 @@ class LogBase:
         #: ``with`` costs a tenth of the condition's.
         self._guard = threading.Lock()
         #: Held around each write transaction (a backend may share it with its reads).
-        self._write_lock = threading.Lock()
+        self._write_lock: typing.ContextManager[Any] = threading.Lock()
         self._cond = threading.Condition(self._guard)
         #: Who waits on the condition (CPython keeps them in a deque, changed only under
         #: the lock): notifying nobody costs three Python calls per notify_all.
@@ -567,8 +568,20 @@ class LogBase:
         in position order, and a removed tail through the stream heads. Positions are
         given out without gaps, so over the whole log a missing position is a removed
         event too (a whole stream deleted with its head, say).
+
+        The events and the heads are read from one snapshot of the log, so appends
+        made meanwhile (by this process or another) are neither seen nor mistaken for
+        tampering.
         """
         self._check_open()
+        with self._snapshot():
+            return self._verify(stream)
+
+    def _snapshot(self) -> typing.ContextManager[object]:
+        """Hold one consistent view of the log for the reads made inside (backend hook)."""
+        return contextlib.nullcontext()
+
+    def _verify(self, stream: str | None) -> VerifyReport:
         key = self._key
         expect: dict[str, tuple[int, str, int]] = {}  # stream -> (last seq, last hash, position)
         checked = 0

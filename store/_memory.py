@@ -43,7 +43,7 @@ class MemoryEventLog(LogBase):
     def __init__(self, *, audit_key: bytes | str | None = None) -> None:
         super().__init__(audit_key)
         self.path = ":memory:"
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a snapshot holds it around reads
         self._write_lock = self._lock
         self._rows: list[StoredEvent] = []
         self._by_stream: dict[str, list[StoredEvent]] = {}
@@ -51,6 +51,9 @@ class MemoryEventLog(LogBase):
 
     def __repr__(self) -> str:
         return "MemoryEventLog()"
+
+    def _snapshot(self) -> threading.RLock:
+        return self._lock  # no append lands while it is held
 
     def _transaction(self) -> contextlib.nullcontext[_Tx]:
         return contextlib.nullcontext(_Tx(self))  # under self._lock (the write lock)

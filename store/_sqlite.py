@@ -18,6 +18,7 @@ import itertools
 import os
 import sqlite3
 import threading
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 import msgspec
@@ -259,13 +260,15 @@ class EventLog(LogBase):
         if self.sealed and self._key is None:
             self._refusal = f"{self.path}: this log is sealed with an audit key; give the key"
         self._wconn = conn
+        # The read lock is re-entrant: a snapshot (see _snapshot) holds it around reads
+        # that take it again.
         if self._memory or readonly:
             self._rconn = conn
-            self._rlock = threading.Lock()
+            self._rlock = threading.RLock()
             self._write_lock = self._rlock
         else:
             self._rconn = connect(self.path, readonly=True, timeout=timeout)
-            self._rlock = threading.Lock()
+            self._rlock = threading.RLock()
             self._write_lock = threading.Lock()
         self._known = _Heads()
 
@@ -369,6 +372,24 @@ class EventLog(LogBase):
                 f"{self.path}: this log is sealed with an audit key; verifying needs the key"
             )
         return super().verify(stream)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[None]:
+        """One read transaction on the reader connection: every read inside sees the log
+        as it was at the first of them (WAL). Other reads of this object wait meanwhile;
+        writers do not (unless the database is in memory, where they share it)."""
+        with self._rlock:
+            self._check_open()
+            conn = self._rconn
+            try:
+                conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: read failed ({exc})") from exc
+            try:
+                yield
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")  # nothing was written: ends the read
 
     def _close(self) -> None:
         with self._rlock:

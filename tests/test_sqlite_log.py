@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -159,6 +160,30 @@ def test_heads_remembered_from_before_another_writer_are_not_trusted(db_path: Pa
         contents = [r.event.content for r in two.read("x") if isinstance(r.event, DialogueMessage)]
         assert contents == ["by two", "x3"]
         assert one.verify().ok
+
+
+def test_verify_reads_one_snapshot_while_others_append(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append that lands between verify's walk over the events and its read of the
+    heads is not mistaken for a removed tail: verify sees the log as it was."""
+    fresh(db_path)
+    with EventLog(db_path) as log, EventLog(db_path) as other:
+        heads = log._heads
+        appended: list[int] = []
+
+        def heads_after_an_append(stream: str | None) -> Any:
+            if not appended:  # another writer, mid-verify
+                appended.append(other.append("d", [message("meanwhile")]))
+            return heads(stream)
+
+        monkeypatch.setattr(log, "_heads", heads_after_an_append)
+        report = log.verify()
+        assert report.ok, report
+        assert report.checked == 12  # the events before the append, and only those
+        assert appended == [11]
+        monkeypatch.undo()
+        assert log.verify().checked == 13
 
 
 def test_a_writer_keeps_a_bounded_number_of_heads(
