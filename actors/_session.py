@@ -9,6 +9,7 @@ every reply is appended when it completes, read or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -92,7 +93,9 @@ class Channel:
             waiters, self._waiters = self._waiters, []
             self._cond.notify_all()
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_wake, future)
+            # A closed loop raises RuntimeError: its reader has gone, nobody to wake.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_wake, future)
 
     # reader side
     def get(self, timeout: float | None) -> Item | None:
@@ -118,6 +121,10 @@ class Channel:
                 await asyncio.wait_for(future, timeout)
             except TimeoutError:
                 return None
+            finally:  # given up (timeout, cancelled) or woken: no longer waiting
+                with self._cond:
+                    if (loop, future) in self._waiters:
+                        self._waiters.remove((loop, future))
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -146,6 +153,7 @@ class Session:
         self._early: dict[str, TurnReply] = {}
         self._next_index = 0
         self._finished = False
+        self._closed = False
         self._all_in = False
         self.reacted = True
         self.replies: list[TurnReply] = []
@@ -165,7 +173,7 @@ class Session:
             DialogueError: the turn could not run (e.g. the moderator failed).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        while not self._closed:
             ready = self._ready()
             if ready is not None or self._finished:
                 return ready
@@ -174,12 +182,13 @@ class Session:
             if item is None:
                 raise TimeoutError(f"no reply of turn {self.turn} within {timeout} s")
             self._take(item)
+        return None
 
     async def next_turn_async(self, timeout: float | None = None) -> TurnReply | None:
         """Like :meth:`next_turn`, for asyncio: waits without blocking the event loop."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while True:
+        while not self._closed:
             ready = self._ready()
             if ready is not None or self._finished:
                 return ready
@@ -188,6 +197,7 @@ class Session:
             if item is None:
                 raise TimeoutError(f"no reply of turn {self.turn} within {timeout} s")
             self._take(item)
+        return None
 
     def _take(self, item: Item) -> None:
         match item:
@@ -249,8 +259,9 @@ class Session:
         return out
 
     def close(self) -> None:
-        """Stop reading. The turn itself goes on; its replies are recorded regardless."""
-        self._finished = True
+        """Stop reading: nothing more is yielded. The turn itself goes on; its replies
+        are recorded regardless."""
+        self._closed = self._finished = True
 
     def __enter__(self) -> Self:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from typing import TYPE_CHECKING, Any
@@ -12,11 +13,20 @@ from moot.actors._agents import CallableAgent, LlmAgent, Payload
 from moot.actors._dialogue import Dialogue, Participant
 from moot.actors._errors import DialogueError
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
-from moot.events import DialogueMessage, ParticipantFailed, PayloadDelivered, TurnStarted
+from moot.events import (
+    DialogueMessage,
+    ParticipantFailed,
+    PayloadDelivered,
+    TurnCompleted,
+    TurnStarted,
+)
 from moot.store import MemoryEventLog, StoreError
 
 if TYPE_CHECKING:
     import concurrent.futures
+    from collections.abc import Callable
+
+    from moot.store import Subscription
 
 T = 30
 
@@ -189,3 +199,75 @@ def test_stopping_a_dialogue_tells_whoever_waits() -> None:
     gate.set()
     stopper.join(T)
     assert not stopper.is_alive()
+
+
+def test_an_async_reader_that_gives_up_costs_the_turn_nothing() -> None:
+    """The reader times out and its event loop closes while the participants work; their
+    replies are still recorded, the turn completes, and the next one runs."""
+    gates = {"a": threading.Event(), "b": threading.Event()}
+
+    def gated(name: str) -> Any:
+        def answer(payload: Payload) -> str:
+            assert gates[name].wait(T)
+            return f"{name}{payload.turn}"
+
+        return CallableAgent(answer)
+
+    log = MemoryEventLog()
+    d = Dialogue.create(log, participants=[Participant(n, gated(n)) for n in "ab"])
+
+    async def impatient() -> None:
+        with pytest.raises(TimeoutError):
+            await d.run_async("first", timeout=0.05)
+
+    asyncio.run(impatient())  # gone: its loop is closed
+    gates["a"].set()
+    gates["b"].set()
+    assert sorted(r.content or "" for r in d.run("second", timeout=T)) == ["a2", "b2"]
+    done = [r.event for r in log.read(d.stream) if isinstance(r.event, TurnCompleted)]
+    assert [(e.turn, sorted(e.yielded), e.failed) for e in done] == [
+        (1, ["a", "b"], ()),
+        (2, ["a", "b"], ()),
+    ]
+    replies = [r.event.content for r in log.read(d.stream) if isinstance(r.event, DialogueMessage)]
+    assert sorted(replies) == ["a1", "a2", "b1", "b2", "first", "second"]
+    d.close()
+
+
+def wait_for(follow: Subscription, wanted: Callable[[object], bool]) -> None:
+    """Follow the log until an event ``wanted`` says yes to is on record."""
+    while True:
+        record = follow.next(T)
+        assert record is not None, "the event did not come"
+        if wanted(record.event):
+            return
+
+
+def test_a_closed_session_yields_nothing_more() -> None:
+    gates = {"a": threading.Event(), "b": threading.Event()}
+
+    def answer(payload: Payload) -> str:
+        name = payload.participant.name
+        assert gates[name].wait(T)
+        return name
+
+    log = MemoryEventLog()
+    d = Dialogue.create(
+        log,
+        participants=[Participant(n, CallableAgent(answer)) for n in "ab"],
+        order="participant_order",
+    )
+    with log.subscribe() as follow:
+        session = d.session("go")
+        gates["b"].set()  # b completes first and is held back for a
+        wait_for(follow, lambda e: isinstance(e, DialogueMessage) and e.content == "b")
+        gates["a"].set()
+        first = session.next_turn(T)
+        assert first is not None and first.participant == "a"
+        session.close()
+        wait_for(follow, lambda e: isinstance(e, TurnCompleted))
+    assert session.next_turn(T) is None  # b's reply was held back: not yielded after close
+    assert list(session) == []
+    contents = [r.event.content for r in log.read(d.stream) if isinstance(r.event, DialogueMessage)]
+    assert contents == ["go", "b", "a"]
+    d.close()
