@@ -49,10 +49,17 @@ class Journal(Generic[S]):
             first = self.state.seq + 1
             state = self.state
             kind = type(state)
-            for event in events:
-                folded = evolve(state, event)
-                assert isinstance(folded, kind)
-                state = folded
+            try:
+                for event in events:
+                    folded = evolve(state, event)
+                    assert isinstance(folded, kind)
+                    state = folded
+            except BaseException:
+                # The fold may have changed the state before it failed: what was staged
+                # before is dropped too, and the state is the log's again.
+                self._staged = []
+                self.reload()
+                raise
             self.state = state
             self._staged.extend(events)
             return first

@@ -54,11 +54,23 @@ class ParticipantActor(pykka.ThreadingActor):
     def _run(self, payload: Payload) -> Outcome:
         started = time.monotonic()
         try:
-            answer = self.agent.respond(payload)
-        except Exception as exc:  # noqa: BLE001  an agent's failure is recorded, not raised
+            answer: object = self.agent.respond(payload)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001  an agent's failure is recorded, not raised
+            # BaseException too (SystemExit, asyncio.CancelledError from an agent's own
+            # event loop): pykka would take one for a crash and stop every actor in the
+            # process, other dialogues' included.
             return Outcome(self.name, payload.turn, error=error_record(exc))
-        reply: object = AgentReply(content=answer) if isinstance(answer, str) else answer
-        if not isinstance(reply, AgentReply):  # the protocol is not enforced at run time
+        if isinstance(answer, str):
+            reply = AgentReply(content=answer)
+        elif isinstance(answer, AgentReply):  # its fields are not checked when it is made
+            try:
+                reply = _checked(answer)
+            except msgspec.ValidationError as exc:
+                error = Error(kind="bad_reply", message=f"agent returned a bad AgentReply: {exc}")
+                return Outcome(self.name, payload.turn, error=error)
+        else:  # the protocol is not enforced at run time
             kind = type(answer).__name__
             error = Error(kind="bad_reply", message=f"agent returned {kind}, not str or AgentReply")
             return Outcome(self.name, payload.turn, error=error)
@@ -66,3 +78,13 @@ class ParticipantActor(pykka.ThreadingActor):
             latency = round((time.monotonic() - started) * 1000, 3)
             reply = msgspec.structs.replace(reply, latency_ms=latency)
         return Outcome(self.name, payload.turn, reply=reply)
+
+
+def _checked(reply: AgentReply) -> AgentReply:
+    """The reply, validated field by field: a wrong type would otherwise reach the log
+    and make the stream unreadable.
+
+    Raises:
+        msgspec.ValidationError: a field has the wrong type.
+    """
+    return msgspec.json.decode(msgspec.json.encode(reply), type=AgentReply)

@@ -9,14 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from moot.actors._agents import CallableAgent, LlmAgent, Payload
+from moot.actors._agents import AgentReply, CallableAgent, LlmAgent, Payload
 from moot.actors._dialogue import Dialogue, Participant
 from moot.actors._errors import DialogueError
+from moot.actors._journal import Journal
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
 from moot.events import (
     DialogueMessage,
     ParticipantFailed,
     PayloadDelivered,
+    Speaker,
     TurnCompleted,
     TurnStarted,
 )
@@ -271,3 +273,71 @@ def test_a_closed_session_yields_nothing_more() -> None:
     contents = [r.event.content for r in log.read(d.stream) if isinstance(r.event, DialogueMessage)]
     assert contents == ["go", "b", "a"]
     d.close()
+
+
+def test_a_reply_with_wrong_field_types_is_a_failure_not_a_broken_log() -> None:
+    log = MemoryEventLog()
+    bad = AgentReply(content=123)  # type: ignore[arg-type]  # what an untyped agent may do
+    d = Dialogue.create(
+        log,
+        participants=[
+            Participant("bad", CallableAgent(lambda p: bad)),
+            Participant("good", CallableAgent(lambda p: "fine")),
+        ],
+    )
+    replies = {r.participant: r for r in d.run("go", timeout=T)}
+    assert replies["good"].content == "fine"
+    error = replies["bad"].error
+    assert error is not None and error.kind == "bad_reply"
+    assert "Expected `str`, got `int` - at `$.content`" in error.message
+    assert log.replay(d.stream) == d.state()  # the stream still reads back
+    d.close()
+
+
+def test_an_event_that_cannot_be_folded_leaves_the_journal_as_the_log() -> None:
+    log = MemoryEventLog()
+    d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: "a"))])
+    d.run("go", timeout=T)
+    d.close()
+    journal = Journal(log, d.stream, log.replay(d.stream))
+    before = log.replay(d.stream)  # a copy: folding changes the live state in place
+    good = DialogueMessage(
+        turn=2, speaker=Speaker(kind="user", name="u"), content="ok", origin="incoming"
+    )
+    broken = DialogueMessage(
+        turn=2,
+        speaker=Speaker(kind="agent", name="a"),
+        content="a2",
+        origin="agent",
+        usage={"input_tokens": 1, "output_tokens": 1},  # type: ignore[arg-type]  # not a Usage
+    )
+    journal.stage([good])
+    with pytest.raises(Exception):  # noqa: B017, PT011  whatever the fold raises
+        journal.stage([broken])
+    assert journal.state == log.replay(d.stream) == before  # what was staged went too
+    journal.commit()  # nothing left to write
+    assert log.replay(d.stream) == before
+
+
+def test_an_agent_raising_a_base_exception_fails_alone() -> None:
+    def cancelled(payload: Payload) -> str:
+        raise asyncio.CancelledError
+
+    log = MemoryEventLog()
+    d = Dialogue.create(
+        log,
+        participants=[
+            Participant("c", CallableAgent(cancelled)),
+            Participant("ok", CallableAgent(lambda p: "ok")),
+        ],
+    )
+    other = Dialogue.create(log, participants=[Participant("x", CallableAgent(lambda p: "x"))])
+    replies = {r.participant: r for r in d.run("go", timeout=T)}
+    assert replies["ok"].content == "ok"
+    error = replies["c"].error
+    assert error is not None and error.kind == "CancelledError"
+    # Nothing else was stopped: both dialogues go on.
+    assert [r.content for r in other.run("still there?", timeout=T)] == ["x"]
+    assert {r.participant for r in d.run("again", timeout=T)} == {"c", "ok"}
+    d.close()
+    other.close()
