@@ -130,7 +130,13 @@ def events(
 
 @cli.command()
 @click.argument("stream")
-@click.option("--until", type=int, default=None, metavar="SEQ", help="Fold events up to SEQ.")
+@click.option(
+    "--until",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="SEQ",
+    help="Fold events up to SEQ.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Compact JSON on one line.")
 @click.pass_context
 def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) -> None:

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["event_line", "jsonl_line", "show_stream", "text_table"]
 
 _json = msgspec.json.Encoder()
+#: Checks that stored data is JSON without building it (decoding into Raw still parses).
+_check = msgspec.json.Decoder(msgspec.Raw)
 
 
 def text_table(
@@ -65,16 +67,31 @@ def text_table(
 
 
 def jsonl_line(row: StoredEvent) -> str:
-    """One event as a JSON object on one line (the ``--jsonl`` format)."""
-    body = {
+    """One event as a JSON object on one line (the ``--jsonl`` format).
+
+    ``data`` is the stored JSON as it is. A row whose data is not JSON (a damaged or
+    altered database) still gives a valid line: its data as a string, and
+    ``"invalid": "data is not JSON"``.
+    """
+    body: dict[str, object] = {
         "position": row.position,
         "stream": row.stream,
         "seq": row.seq,
         "type": row.type,
         "version": row.version,
         "recorded_at": row.recorded_at,
-        "data": msgspec.Raw(row.data.encode()),
     }
+    data: object = row.data
+    try:
+        text = data.encode() if isinstance(data, str) else None
+        if text is None:
+            raise msgspec.DecodeError
+        _check.decode(text)
+    except msgspec.DecodeError:
+        body["data"] = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        body["invalid"] = "data is not JSON"
+    else:
+        body["data"] = msgspec.Raw(text)
     return _json.encode(body).decode()
 
 

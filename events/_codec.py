@@ -84,6 +84,8 @@ def decode_event(type_name: str, version: int, data: str | bytes) -> Event:
 def _decode_old(type_name: str, version: int, current: int | None, data: str | bytes) -> Event:
     if current is None:
         raise EventDecodeError(f"unknown event type {type_name!r} (written by a newer moot?)")
+    if not isinstance(version, int):
+        raise EventDecodeError(f"{type_name}: version {version!r} is not a number")
     if version > current:
         raise EventDecodeError(
             f"{type_name} v{version} is newer than this moot understands (v{current})"

@@ -548,10 +548,13 @@ class LogBase:
         """Rebuild the stream's state by folding its events (up to ``until_seq``).
 
         Raises:
+            ValueError: ``until_seq`` is less than 1 (a state needs the first event).
             UnknownStreamError: there is no such stream (or it has no events).
             EventDecodeError: a stored event cannot be read.
         """
         self._check_open()
+        if until_seq is not None and until_seq < 1:
+            raise ValueError(f"until_seq must be at least 1, not {until_seq}")
         state: State | None = None
         for type_name, version, data in self._replay_rows(stream, until_seq):
             state = evolve(state, decode_event(type_name, version, data))
@@ -607,11 +610,15 @@ class LogBase:
                 problem = f"seq {seq} follows seq {last_seq}"
             elif prev_hash != last_hash:
                 problem = "prev_hash does not match the previous event's hash"
-            elif (
-                chain_hash(key, prev_hash, s, seq, type_name, version, recorded_at, data.encode())
-                != digest
-            ):
-                problem = "hash does not match the event's contents"
+            else:
+                try:
+                    body = data.encode()
+                except AttributeError:  # a BLOB (or a number) where the JSON text was
+                    problem = "data is not text"
+                else:
+                    header = (prev_hash, s, seq, type_name, version, recorded_at)
+                    if chain_hash(key, *header, body) != digest:
+                        problem = "hash does not match the event's contents"
             if problem is not None:
                 return VerifyReport(False, checked, position, f"stream {s!r}: {problem}", s)
             expect[s] = (seq, digest, position)

@@ -104,8 +104,9 @@ def test_verify_ok(db: Path) -> None:
         ("UPDATE events SET data = replace(data, 'm4', 'm5') WHERE position = 6", 6),
         ("DELETE FROM events WHERE position = 4", 4),
         ("DELETE FROM events WHERE position IN (9, 10)", 9),
+        ("UPDATE events SET data = CAST(data AS BLOB) WHERE position = 5", 5),
     ],
-    ids=["changed-byte", "deleted-middle", "removed-tail"],
+    ids=["changed-byte", "deleted-middle", "removed-tail", "data-as-blob"],
 )
 def test_verify_names_the_first_bad_position(db_path: Path, sql: str, position: int) -> None:
     t.fresh(db_path)
@@ -157,6 +158,27 @@ def test_usage_errors_are_one_line(db: Path) -> None:
     assert_one_line_error(moot(db, "replay"), 2, "Missing argument")
     assert_one_line_error(moot(db, "show", "nope"), 2, "no stream 'nope'")
     assert_one_line_error(moot(db, "replay", "d1", "--until", "x"), 2, "not a valid integer")
+    assert_one_line_error(moot(db, "replay", "d1", "--until", "0"), 2, "not in the range x>=1")
+
+
+def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
+    """Columns of the wrong type or data that is not JSON (an altered file): every
+    command answers in one line or with valid output, never with a traceback."""
+    t.fresh(db_path)
+    t.tamper(
+        db_path,
+        "UPDATE events SET version = 'x' WHERE position = 3",
+        "UPDATE events SET data = '{not json' WHERE position = 4",
+    )
+    assert_one_line_error(moot(db_path, "replay", "d"), 2, "version 'x' is not a number")
+    assert_one_line_error(moot(db_path, "show", "d"), 2, "version 'x' is not a number")
+    assert_one_line_error(moot(db_path, "verify"), 1, "broken at position 3")
+    result = moot(db_path, "events", "--jsonl")
+    assert result.returncode == 0, result.stderr
+    lines = [msgspec.json.decode(line) for line in result.stdout.splitlines()]
+    assert [line["position"] for line in lines] == list(range(1, 13))
+    assert lines[3]["data"] == "{not json" and lines[3]["invalid"] == "data is not JSON"
+    assert "invalid" not in lines[4] and lines[4]["data"]["type"] == "DialogueMessage"
 
 
 def test_read_commands_never_change_the_database(db: Path) -> None:
