@@ -29,6 +29,7 @@ from moot.events import (
     DialogueStarted,
     Event,
     EventBase,
+    EventDecodeError,
     LoopStarted,
     State,
     Status,
@@ -56,6 +57,7 @@ __all__ = ["LogBase", "StaleHeads", "Subscription", "Transaction"]
 
 _DIALOGUE_TYPES = frozenset(cls.__name__ for cls in typing.get_args(DialogueEvent))
 _FIRST_TYPES = frozenset(("DialogueStarted", "LoopStarted"))
+_STATUS_NAMES = frozenset(cls.__name__ for cls in STATUS_EVENTS)
 
 _PAGE = 1000
 #: Commits a leader may do in a row before handing the lead to a waiting caller.
@@ -586,7 +588,10 @@ class LogBase:
 
     def _verify(self, stream: str | None) -> VerifyReport:
         key = self._key
-        expect: dict[str, tuple[int, str, int]] = {}  # stream -> (last seq, last hash, position)
+        # stream -> (last seq, last hash, its position, status so far, its recorded_at)
+        expect: dict[str, tuple[int, str, int, Status, str]] = {}
+        # stream -> (kind, parent, created_at): what its first event says
+        started: dict[str, tuple[str, str | None, str]] = {}
         checked = 0
         previous = 0  # the last position seen, for the whole-log gap check
         for (
@@ -604,7 +609,7 @@ class LogBase:
                 reason = f"position {previous + 1} is missing (events removed)"
                 return VerifyReport(False, checked, previous + 1, reason, s)
             previous = position
-            last_seq, last_hash, _ = expect.get(s, (0, GENESIS, 0))
+            last_seq, last_hash, _, status, _ = expect.get(s, (0, GENESIS, 0, "open", ""))
             problem = None
             if seq != last_seq + 1:
                 problem = f"seq {seq} follows seq {last_seq}"
@@ -619,17 +624,41 @@ class LogBase:
                     header = (prev_hash, s, seq, type_name, version, recorded_at)
                     if chain_hash(key, *header, body) != digest:
                         problem = "hash does not match the event's contents"
+            # (Start events are status events: a stream's first event is looked at too.)
+            if problem is None and (type_name in _STATUS_NAMES or status != "open"):
+                # What the stream's head must say: its kind and parent from the first
+                # event, its status folded by next_status (as appends fold it).
+                try:
+                    event = decode_event(type_name, version, data)
+                except EventDecodeError as exc:
+                    problem = f"the event cannot be read ({exc})"
+                else:
+                    if seq == 1:
+                        if isinstance(event, DialogueStarted):
+                            started[s] = ("dialogue", None, recorded_at)
+                        elif isinstance(event, LoopStarted):
+                            parent = event.parent.stream if event.parent else None
+                            started[s] = ("loop", parent, recorded_at)
+                        else:
+                            problem = f"the first event is {type_name}, not a start"
+                    status = next_status(status, event)
             if problem is not None:
                 return VerifyReport(False, checked, position, f"stream {s!r}: {problem}", s)
-            expect[s] = (seq, digest, position)
+            expect[s] = (seq, digest, position, status, recorded_at)
             checked += 1
-        return self._verify_heads(stream, expect, checked)
+        return self._verify_heads(stream, expect, started, checked)
 
     def _verify_heads(
-        self, stream: str | None, expect: dict[str, tuple[int, str, int]], checked: int
+        self,
+        stream: str | None,
+        expect: dict[str, tuple[int, str, int, Status, str]],
+        started: dict[str, tuple[str, str | None, str]],
+        checked: int,
     ) -> VerifyReport:
         for head in self._heads(stream):
-            last_seq, last_hash, position = expect.get(head.stream, (0, GENESIS, 0))
+            last_seq, last_hash, position, status, updated_at = expect.get(
+                head.stream, (0, GENESIS, 0, "open", "")
+            )
             if head.last_seq > last_seq:
                 first = self._missing_after(position, head.last_position)
                 reason = (
@@ -640,6 +669,22 @@ class LogBase:
             if head.last_seq < last_seq or head.last_hash != last_hash:
                 reason = f"stream {head.stream!r}: head does not match its last event"
                 return VerifyReport(False, checked, position, reason, head.stream)
+            kind, parent, created_at = started.get(head.stream, ("", None, ""))
+            said = {
+                "kind": (head.kind, kind),
+                "parent": (head.parent, parent),
+                "status": (head.status, status),
+                "created_at": (head.created_at, created_at),
+                "updated_at": (head.updated_at, updated_at),
+                "last_position": (head.last_position, position),
+            }
+            for column, (stored, derived) in said.items():
+                if stored != derived:
+                    reason = (
+                        f"stream {head.stream!r}: head says {column} {stored!r} but its events "
+                        f"say {derived!r}"
+                    )
+                    return VerifyReport(False, checked, position, reason, head.stream)
         orphans = set(expect) - {h.stream for h in self._heads(stream)}
         if orphans:
             s = min(orphans, key=lambda o: expect[o][2])

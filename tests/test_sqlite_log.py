@@ -408,6 +408,28 @@ def test_schema_and_pragmas(db_path: Path) -> None:
 # ---------------------------------------------------------------------- views
 
 
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("status", "'closed'"),
+        ("kind", "'loop'"),
+        ("parent", "'e'"),
+        ("created_at", "'2000-01-01T00:00:00.000000Z'"),
+        ("updated_at", "'2000-01-01T00:00:00.000000Z'"),
+        ("last_position", "3"),
+    ],
+)
+def test_an_edited_stream_head_is_found(db_path: Path, column: str, value: str) -> None:
+    """Every column of a stream's head follows from its events, so none can be edited."""
+    fresh(db_path)
+    assert verify(db_path) == (True, None)
+    tamper(db_path, f"UPDATE streams SET {column} = {value} WHERE stream = 'd'")
+    with EventLog(db_path, readonly=True) as log:
+        report = log.verify()
+    assert (report.ok, report.first_bad, report.stream) == (False, 10, "d")
+    assert f"head says {column}" in (report.reason or "")
+
+
 def test_a_v1_row_written_by_an_older_moot_is_read_back_as_v2(db_path: Path) -> None:
     """Done v1 (``response`` instead of ``termination``) sits in the log as it was
     written, hash and all; reading, replay and verify see the v2 event."""
@@ -422,7 +444,7 @@ def test_a_v1_row_written_by_an_older_moot_is_read_back_as_v2(db_path: Path) -> 
         f"INSERT INTO events VALUES (2, 'l', 2, 'Done', 1, '{at}', '{v1}', "
         f"'{head.last_hash}', '{digest}')",
         f"UPDATE streams SET last_seq = 2, last_hash = '{digest}', last_position = 2, "
-        "status = 'completed' WHERE stream = 'l'",
+        f"status = 'completed', updated_at = '{at}' WHERE stream = 'l'",
     )
     with EventLog(db_path, readonly=True) as log:
         done = list(log.read("l"))[-1]
