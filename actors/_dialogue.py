@@ -256,7 +256,10 @@ class Dialogue:
     def _start(self, inputs: tuple[DialogueMessage, ...] | None) -> Session:
         self._check_open()
         channel = Channel()
-        self._ref.tell(StartTurn(inputs, channel))
+        try:
+            self._ref.tell(StartTurn(inputs, channel))
+        except pykka.ActorDeadError as exc:
+            raise DialogueError("the dialogue's coordinator has stopped") from exc
         return Session(channel)
 
     def run(self, *inputs: str | Input, timeout: float | None = None) -> list[TurnReply]:
@@ -279,13 +282,16 @@ class Dialogue:
         """Add a participant; on its first turn it gets history per ``strategy``.
 
         The default strategy is ``JoiningStrategy.recent()`` (the last 5 turns).
-        Waits for a turn in progress to end first.
+        Waits for a turn in progress to end first. If that takes longer than the
+        dialogue's ``timeout``, a DialogueError says so; the join stays queued and
+        happens when the turn ends.
         """
         strategy = strategy or JoiningStrategy.recent()
         self._wait(self._ask(("join", participant.info, strategy, participant.agent)))
 
     def remove(self, name: str) -> None:
-        """Remove a participant (after a turn in progress ends)."""
+        """Remove a participant (after a turn in progress ends; as with :meth:`join`, a
+        removal that times out waiting stays queued)."""
         self._wait(self._ask(("remove", name)))
 
     # --------------------------------------------------------------- looking
@@ -315,7 +321,14 @@ class Dialogue:
         """Stop the actors without recording a close (the dialogue stays open)."""
         if not self._closed:
             self._closed = True
-            self._ref.stop(timeout=self.timeout)
+            try:
+                self._ref.stop(timeout=self.timeout)
+            except pykka.Timeout as exc:  # an agent still busy: its actor stops after it
+                raise DialogueError(
+                    f"the dialogue's actors did not stop within {self.timeout} s"
+                ) from exc
+            except pykka.ActorDeadError:
+                pass  # stopped already
 
     def _ask(self, message: Any) -> Any:
         self._check_open()

@@ -64,11 +64,13 @@ class MemoryEventLog(LogBase):
         with self._lock:
             rows = self._by_stream.get(stream, [])
             end = len(rows) if until_seq is None else max(0, min(until_seq, len(rows)))
+            after_seq = max(0, after_seq)  # as SQLite: nothing is before seq 1
             return rows[after_seq : min(end, after_seq + limit)]
 
     def _page_all(self, after_position: int, limit: int, stream: str | None) -> list[StoredEvent]:
         with self._lock:
             if stream is None:
+                after_position = max(0, after_position)
                 return self._rows[after_position : after_position + limit]
             rows = self._by_stream.get(stream, [])
             return [r for r in rows if r.position > after_position][:limit]

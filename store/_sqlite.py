@@ -220,8 +220,9 @@ class EventLog(LogBase):
             gives a private in-memory database.
         audit_key: Seal the hash chain with HMAC-SHA256 under this key. A log created
             with a key can only be appended to and verified with the same key.
-        readonly: Open the file read-only: nothing is ever written, and a missing file
-            is an error rather than a new database.
+        readonly: Open the file read-only: the database is never changed, and a missing
+            file is an error rather than a new database. (SQLite may still create the
+            ``-wal`` and ``-shm`` side files that any reader of a WAL database uses.)
         synchronous: ``"FULL"`` (default): an acknowledged append survives power loss.
             ``"NORMAL"``: faster, and may lose the last commits on power loss (never on
             a process crash).

@@ -341,3 +341,13 @@ def test_an_agent_raising_a_base_exception_fails_alone() -> None:
     assert {r.participant for r in d.run("again", timeout=T)} == {"c", "ok"}
     d.close()
     other.close()
+
+
+def test_a_dialogue_whose_coordinator_is_gone_says_so() -> None:
+    d = Dialogue.create(MemoryEventLog(), participants=[Participant("a", CallableAgent(str))])
+    d._ref.stop()  # as if something stopped every actor in the process
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        d.run("anyone?", timeout=T)
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        d.state()
+    d.stop()  # nothing left to stop: not an error

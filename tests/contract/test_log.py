@@ -138,6 +138,8 @@ def test_read_after_seq_and_until(log: LogBase) -> None:
     assert [r.seq for r in log.read("d", 10, until_seq=12)] == [11, 12]
     assert list(log.read("missing")) == []
     assert [r.position for r in log.read_all(after_position=2500)] == [2501]
+    # Before the first is before the first, on every backend.
+    assert len(list(log.read("d", after_seq=-1))) == len(list(log.read_all(-5))) == 2501
 
 
 def test_replay_until_equals_folding_the_first_k(log: LogBase) -> None:
