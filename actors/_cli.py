@@ -152,9 +152,9 @@ def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) ->
 def verify(ctx: click.Context, stream: str | None) -> None:
     """Check the hash chains (of STREAM, or of every stream)."""
     log = open_log(ctx)
-    if stream is not None:
-        log.stream_info(stream)
     report = log.verify(stream)
+    if stream is not None and report.ok and report.checked == 0:
+        log.stream_info(stream)  # no events and no head: no such stream (exit 2)
     if not report.ok:
         raise Problem(f"broken at position {report.first_bad}: {report.reason}")
     click.echo(f"ok {report.checked} events")

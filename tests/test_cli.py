@@ -161,6 +161,13 @@ def test_usage_errors_are_one_line(db: Path) -> None:
     assert_one_line_error(moot(db, "replay", "d1", "--until", "0"), 2, "not in the range x>=1")
 
 
+def test_verify_of_one_stream_tells_a_missing_stream_from_a_missing_head(db_path: Path) -> None:
+    t.fresh(db_path)
+    assert_one_line_error(moot(db_path, "verify", "nope"), 2, "no stream 'nope'")
+    t.tamper(db_path, "DELETE FROM streams WHERE stream = 'e'")
+    assert_one_line_error(moot(db_path, "verify", "e"), 1, "has events but no head")
+
+
 def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
     """Columns of the wrong type or data that is not JSON (an altered file): every
     command answers in one line or with valid output, never with a traceback."""
