@@ -436,9 +436,19 @@ class Coordinator(pykka.ThreadingActor):
         if seqs is None:
             seqs, messages = (backlog or Backlog(state)).of(name)
             strategy = state.pending_joiners.get(name)
-            if strategy is not None and strategy.kind != "fresh":
-                seqs = tuple(sorted(set(seqs) | set(self._history(name, strategy, turn))))
-                messages = self._messages(seqs)
+            if strategy is not None:
+                # A joiner gets the turn's input even when it was on record before the
+                # join (a turn a crash left unstarted), and its history per strategy.
+                extra = {
+                    s
+                    for s, m in state.messages.items()
+                    if m.origin == "incoming" and m.turn == turn and m.speaker.name != name
+                }
+                if strategy.kind != "fresh":
+                    extra.update(self._history(name, strategy, turn))
+                if not extra <= set(seqs):
+                    seqs = tuple(sorted(set(seqs) | extra))
+                    messages = self._messages(seqs)
         else:
             messages = self._messages(seqs)
         if self._roster[0] != state.seq:  # the same tuple for every payload of a turn

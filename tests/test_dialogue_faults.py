@@ -16,7 +16,10 @@ from moot.actors._journal import Journal
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
 from moot.events import (
     DialogueMessage,
+    DialogueStarted,
+    JoiningStrategy,
     ParticipantFailed,
+    ParticipantInfo,
     PayloadDelivered,
     Speaker,
     TurnCompleted,
@@ -351,3 +354,37 @@ def test_a_dialogue_whose_coordinator_is_gone_says_so() -> None:
     with pytest.raises(DialogueError, match="coordinator has stopped"):
         d.state()
     d.stop()  # nothing left to stop: not an error
+
+
+@pytest.mark.parametrize("strategy", [JoiningStrategy.fresh(), JoiningStrategy.full()])
+def test_a_joiner_gets_the_input_of_a_turn_a_crash_left_unstarted(
+    strategy: JoiningStrategy,
+) -> None:
+    """The log as a crash leaves it while the moderator decides: the turn's input is on
+    record, the turn is not started. Whoever joins before it runs gets that input."""
+    log = MemoryEventLog()
+    log.append(
+        "m",
+        [
+            DialogueStarted(
+                mode="moderator", order="completion", participants=(ParticipantInfo(name="a"),)
+            ),
+            DialogueMessage(
+                turn=1, speaker=Speaker(kind="user", name="user"), content="q", origin="incoming"
+            ),
+        ],
+    )
+    given: dict[str, list[str]] = {}
+
+    def noting(payload: Payload) -> str:
+        given[payload.participant.name] = [m.content for m in payload.messages]
+        return payload.participant.name
+
+    d = Dialogue.resume(
+        log, "m", {"a": CallableAgent(noting)}, moderator=CallableAgent(lambda p: "broadcast")
+    )
+    d.join(Participant("x", CallableAgent(noting)), strategy)
+    assert sorted(r.content or "" for r in d.finish_turn().all(T)) == ["a", "x"]
+    assert given == {"a": ["q"], "x": ["q"]}
+    assert log.replay("m") == d.state()
+    d.close()
