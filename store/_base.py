@@ -621,8 +621,10 @@ class LogBase:
                 except AttributeError:  # a BLOB (or a number) where the JSON text was
                     problem = "data is not text"
                 else:
-                    header = (prev_hash, s, seq, type_name, version, recorded_at)
-                    if chain_hash(key, *header, body) != digest:
+                    again = chain_hash(
+                        key, prev_hash, s, seq, type_name, version, recorded_at, body
+                    )
+                    if again != digest:
                         problem = "hash does not match the event's contents"
             # (Start events are status events: a stream's first event is looked at too.)
             if problem is None and (type_name in _STATUS_NAMES or status != "open"):
