@@ -111,6 +111,9 @@ class Approval:
     arguments: dict[str, Any] | None = None
 
 
+_DECISIONS = frozenset(("approve", "deny", "modify", "ask"))
+
+
 def approve() -> Approval:
     return Approval("approve")
 
@@ -462,6 +465,13 @@ class _Engine:
             verdict = _hook(policy, call, returns=Approval)
             if verdict is None:
                 raise _HookFailed(TypeError("the approval policy returned None, not an Approval"))
+            if verdict.decision not in _DECISIONS:
+                raise _HookFailed(
+                    ValueError(
+                        f"the approval policy decided {verdict.decision!r}; a decision is "
+                        "approve, deny, modify or ask"
+                    )
+                )
             if verdict.decision == "ask":
                 asks.append(call)
                 self.ask_reason = verdict.reason
@@ -502,7 +512,7 @@ class _Engine:
                 continue
             arguments = (
                 decision.arguments
-                if decision is not None and decision.arguments
+                if decision is not None and decision.arguments is not None
                 else call.arguments
             )
             if call.id in state.running:  # started before a crash, never ended
@@ -519,18 +529,25 @@ class _Engine:
                     )
                     continue
             todo.append((call, arguments))
-        fresh = [
-            ToolExecutionStart(call_id=c.id, tool_name=c.name, arguments=a)
+        starts = [
+            None
+            if c.id in state.running
+            else ToolExecutionStart(call_id=c.id, tool_name=c.name, arguments=a)
             for c, a in todo
-            if c.id not in state.running
         ]
-        self.journal.stage([*interrupted, *fresh])
-        self.journal.commit()  # write-ahead: every start is on record before a tool runs
+        # Write-ahead: a tool's start is on record before it runs, and only then. In
+        # parallel all start at once; one after another, each start is written with the
+        # previous tool's end, so a crash never leaves a start for a tool that never ran.
         if self.config.parallel_tool_execution and len(todo) > 1:
+            self.journal.append([*interrupted, *(e for e in starts if e is not None)])
             self._run_parallel(todo)
         else:
-            for call, arguments in todo:
-                self.journal.append([self._run_tool(call, arguments)])
+            ahead: list[Any] = interrupted
+            for (call, arguments), start in zip(todo, starts, strict=True):
+                self.journal.append([*ahead, *([start] if start is not None else [])])
+                ahead = [self._run_tool(call, arguments)]
+            if ahead:
+                self.journal.append(ahead)
         return self._end_round(calls)
 
     def _run_parallel(self, todo: list[tuple[ToolCallBlock, dict[str, Any]]]) -> None:
@@ -694,9 +711,11 @@ class _Engine:
         seen = {b.id for m in history for b in m.content if isinstance(b, ToolCallBlock)}
         out = []
         for i, call in enumerate(calls):
-            fixed = call
-            if not call.id or call.id in seen:
-                fixed = msgspec.structs.replace(call, id=f"call_{self.state.iteration}_{i}")
+            fixed, n = call, 0
+            while not fixed.id or fixed.id in seen:  # the made-up id may be taken too
+                suffix = f"_{n}" if n else ""
+                fixed = msgspec.structs.replace(call, id=f"call_{self.state.iteration}_{i}{suffix}")
+                n += 1
             seen.add(fixed.id)
             out.append(fixed)
         return out

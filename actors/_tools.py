@@ -730,8 +730,13 @@ def _earliest(a: float | None, b: float | None) -> float | None:
 
 def _run_with_retries(
     item: Tool, prepared: Callable[[], Any], deadline: float | None
-) -> tuple[Any, Exception | None, int]:
-    """Run until an attempt succeeds or the policy says stop: (value, error, attempts)."""
+) -> tuple[Any, BaseException | None, int]:
+    """Run until an attempt succeeds or the policy says stop: (value, error, attempts).
+
+    A BaseException the tool raises (SystemExit, asyncio.CancelledError, ...) is its
+    failure too, and is not retried: let through, pykka would take it for a crash of
+    the loop's actor and stop every actor in the process.
+    """
     attempts = 0
     while True:
         attempts += 1
@@ -745,6 +750,8 @@ def _run_with_retries(
                 "tool %s failed (attempt %d), retrying in %.3f s", item.name, attempts, delay
             )
             time.sleep(delay)
+        except BaseException as exc:  # noqa: BLE001  see the docstring; never retried
+            return None, exc, attempts
 
 
 def _retry_delay(item: Tool, exc: Exception, attempts: int, deadline: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from moot.actors._loop import (
+    Approval,
     Completed,
     Failed,
     LoopResult,
@@ -770,3 +772,87 @@ def test_hooks_that_return_nonsense_end_the_loop_on_record(log: LogBase) -> None
     turn = other.turn()
     assert isinstance(turn, Failed) and "not str" in turn.error.message
     assert list(log.read(other.handle.stream))  # still readable: no null was written
+
+
+# ------------------------------------------------------------- found in review
+
+
+@tool
+def leave() -> str:
+    """A tool that calls sys.exit."""
+    raise SystemExit(3)
+
+
+@tool
+def cancelled() -> str:
+    """A tool whose own event loop was cancelled."""
+    raise asyncio.CancelledError
+
+
+def test_a_tool_raising_a_base_exception_is_an_error_result(log: LogBase) -> None:
+    bystander = Run(log, [text("still here")])
+    run = Run(log, [calls(("leave", {}), ("cancelled", {})), text("recovered")], [leave, cancelled])
+    assert run.result().text == "recovered"
+    ends = {e.tool_name: e for e in run.events(ToolExecutionEnd)}
+    assert (ends["leave"].is_error, ends["leave"].content) == (True, "SystemExit: 3")
+    assert (ends["cancelled"].is_error, ends["cancelled"].content) == (True, "CancelledError")
+    assert ends["leave"].attempts == 1
+    assert bystander.result().text == "still here"  # no other actor was stopped
+    assert run.state() == run.replay()
+
+
+def test_one_after_another_each_start_is_written_just_before_its_tool(log: LogBase) -> None:
+    run = Run(
+        log,
+        [calls(ADD, ("search", {"query": "x"})), text("done")],
+        parallel_tool_execution=False,
+    )
+    run.result()
+    order = [
+        (type(e).__name__, e.tool_name)
+        for e in run.events()
+        if isinstance(e, ToolExecutionStart | ToolExecutionEnd)
+    ]
+    assert order == [
+        ("ToolExecutionStart", "add"),
+        ("ToolExecutionEnd", "add"),
+        ("ToolExecutionStart", "search"),
+        ("ToolExecutionEnd", "search"),
+    ]
+    assert run.state() == run.replay()
+
+
+def test_repeated_call_ids_are_made_unique_even_against_made_up_ones(log: LogBase) -> None:
+    first = ScriptedReply(tool_calls=(ScriptedCall("add", {"a": 1, "b": 1}, id="call_1_1"),) * 2)
+    run = Run(log, [first, text("both answered")])
+    assert run.result().text == "both answered"
+    ids = [e.call_id for e in run.events(ToolExecutionEnd)]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    answered = run.provider.requests[1].messages[-1].content
+    assert [b.tool_call_id for b in answered] == ids  # type: ignore[union-attr]
+
+
+def test_modify_to_empty_arguments_runs_with_empty_arguments(log: LogBase) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @tool
+    def knob(level: int = 1) -> str:
+        """A tool with a default."""
+        seen.append({"level": level})
+        return str(level)
+
+    run = Run(
+        log, [calls(("knob", {"level": 9})), text("ok")], [knob], approval=lambda c: modify({})
+    )
+    run.result()
+    assert seen == [{"level": 1}]
+    assert run.events(ToolExecutionStart)[0].arguments == {}
+
+
+def test_an_approval_policy_with_a_made_up_decision_fails_the_loop_cleanly(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("never")], approval=lambda c: Approval("Approve"))  # type: ignore[arg-type]
+    turn = run.turn()
+    assert isinstance(turn, Failed)
+    assert "decided 'Approve'" in turn.error.message
+    assert run.events(ToolExecutionStart) == [] and run.events(ToolCallDecided) == []
+    assert run.replay() == run.state()  # the stream still reads back
