@@ -580,6 +580,7 @@ class AnthropicProvider(HttpProvider):
         root = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.base_url = root.removesuffix("/v1")
         key = api_key if api_key is not None else os.environ.get(api_key_env)
+        key = key.strip() if key else key  # a key read from a file ends with a newline
         headers = {"anthropic-version": anthropic_version}
         if key:
             headers["x-api-key"] = key

@@ -212,10 +212,14 @@ def secrets_of(headers: Mapping[str, str]) -> tuple[str, ...]:
     found: list[str] = []
     for name, value in headers.items():
         if name.lower() in _SECRET_HEADERS and value:
-            found.append(value)
             scheme, _, token = value.partition(" ")
+            values = [value, value.strip()]
             if token and scheme.lower() in {"bearer", "basic", "token"}:
-                found.append(token.strip())
+                values += [token, token.strip()]
+            for v in values:
+                # As is, and as an error message may quote it: escaped (a header value
+                # with a newline is refused with its repr, b'sk-...\n').
+                found += [v, v.encode("unicode_escape").decode("ascii")]
     # Longest first, so a whole "Bearer sk-..." is replaced before the bare token.
     return tuple(sorted(set(found), key=len, reverse=True))
 
@@ -406,20 +410,28 @@ def map_http_errors(provider: str, secrets: tuple[str, ...]) -> Iterator[None]:
     """
     try:
         yield
-    except httpx.ConnectTimeout as exc:
-        raise ProviderTimeout(_say(provider, "connect timeout", exc, secrets)) from exc
-    except httpx.PoolTimeout as exc:
-        raise ProviderTimeout(_say(provider, "no free connection in time", exc, secrets)) from exc
-    except httpx.TimeoutException as exc:
-        raise ProviderTimeout(_say(provider, "read timeout", exc, secrets)) from exc
-    except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
-        raise ConnectionLostError(_say(provider, "connection lost", exc, secrets)) from exc
-    except httpx.DecodingError as exc:
-        raise MalformedResponseError(_say(provider, "undecodable body", exc, secrets)) from exc
-    except SSEError as exc:
-        raise MalformedResponseError(_say(provider, "not an event stream", exc, secrets)) from exc
-    except httpx.HTTPError as exc:
-        raise ProviderError(_say(provider, type(exc).__name__, exc, secrets)) from exc
+    except (httpx.HTTPError, SSEError) as exc:
+        error = _translate(provider, exc, secrets)
+        # The original stays attached as the cause, unless its message holds a secret:
+        # a traceback would print it.
+        said = str(exc)
+        raise error from (exc if redact(said, secrets) == said else None)
+
+
+def _translate(provider: str, exc: Exception, secrets: tuple[str, ...]) -> ProviderError:
+    if isinstance(exc, httpx.ConnectTimeout):
+        return ProviderTimeout(_say(provider, "connect timeout", exc, secrets))
+    if isinstance(exc, httpx.PoolTimeout):
+        return ProviderTimeout(_say(provider, "no free connection in time", exc, secrets))
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderTimeout(_say(provider, "read timeout", exc, secrets))
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.NetworkError):
+        return ConnectionLostError(_say(provider, "connection lost", exc, secrets))
+    if isinstance(exc, httpx.DecodingError):
+        return MalformedResponseError(_say(provider, "undecodable body", exc, secrets))
+    if isinstance(exc, SSEError):
+        return MalformedResponseError(_say(provider, "not an event stream", exc, secrets))
+    return ProviderError(_say(provider, type(exc).__name__, exc, secrets))
 
 
 def _say(provider: str, what: str, exc: BaseException, secrets: tuple[str, ...]) -> str:

@@ -546,6 +546,7 @@ class OpenAIProvider(HttpProvider):
             "/"
         )
         key = api_key if api_key is not None else os.environ.get(api_key_env)
+        key = key.strip() if key else key  # a key read from a file ends with a newline
         self._setup(
             model=model,
             model_env="OPENAI_MODEL",

@@ -13,10 +13,12 @@ import logging
 import socket
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import msgspec
 import pytest
 
 from moot.actors._anthropic import AnthropicProvider
@@ -269,6 +271,23 @@ def test_secrets_stay_out_of_retry_logs_and_errors(
     records = [r.getMessage() for r in caplog.records] + [str(caught.value), repr(caught.value)]
     assert records and all(SECRET not in text for text in records)
     assert "[redacted]" in str(caught.value)
+
+
+def test_a_key_read_from_a_file_works_and_a_broken_header_never_shows_it(
+    server: ScriptedServer,
+) -> None:
+    server.script(Reply(chunks=APIS[0].hello))
+    with OpenAIProvider(server.url + "/v1", "gpt-test", api_key=SECRET + "\n") as provider:
+        assert call_model(provider, HELLO).text == "Hello"  # the newline was trimmed
+        assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+        # A header value httpx refuses, and quotes (escaped) in its error.
+        bad = msgspec.structs.replace(HELLO, extra_headers={"x-api-key": SECRET + "\r\n"})
+        with pytest.raises(ProviderError) as caught:
+            call_model(provider, bad)
+    chain = "".join(traceback.format_exception(caught.value))
+    assert "Illegal header value" in chain and "[redacted]" in chain
+    for text in (str(caught.value), repr(caught.value), chain):
+        assert SECRET not in text
 
 
 # ---------------------------------------------------------------- broken streams
