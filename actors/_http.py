@@ -634,13 +634,28 @@ class HttpEndpoint:
         the request then gets no answer at all. Sending it again on a new connection is
         not a retry of a failed call, so it costs no attempt and no wait.
         """
+        reused = self._may_reuse_a_connection()
         try:
             return self._client.send(request, stream=True)
         except httpx.RemoteProtocolError as exc:
+            if not reused:  # a new connection that got no answer: a failure, not staleness
+                raise
             logger.debug(
                 "%s: no answer on a kept-alive connection (%s); resending", self.provider, exc
             )
             return self._client.send(request, stream=True)
+
+    def _may_reuse_a_connection(self) -> bool:
+        """Whether the client's pool holds an idle connection this request may be given.
+
+        Looks into httpx's transport (httpcore's pool); a client whose transport cannot
+        be looked into (an injected one) is taken to have one.
+        """
+        pool = getattr(getattr(self._client, "_transport", None), "_pool", None)
+        connections = getattr(pool, "connections", None)
+        if not isinstance(connections, list):
+            return True
+        return any(getattr(c, "is_idle", lambda: True)() for c in connections)
 
     def _timeouts(self, deadline: float | None) -> httpx.Timeout:
         """This attempt's timeouts: the configured ones, none longer than the time left."""
