@@ -310,7 +310,8 @@ class _Engine:
         self.runtime = runtime
         self.started = time.monotonic()
         self.deadline = None if config.timeout_s is None else self.started + config.timeout_s
-        self.command: _Command | None = None
+        #: Handle commands since the last turn, in the order they came.
+        self.commands: list[_Command] = []
         self.ask_reason: str | None = None
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -361,11 +362,18 @@ class _Engine:
             return self._fail(
                 ToolLoopError(f"max nesting depth exceeded (depth {state.depth}, limit {limit})")
             )
-        command, self.command = self.command, None
-        if command is not None and command.kind == "stop":
-            return self._done("stop_condition", command.reason, state.last_response)
-        if command is not None and command.kind == "inject":
-            self.journal.append([MessagesInjected(messages=command.messages, source="command")])
+        commands, self.commands = self.commands, []
+        injected: list[ChatMessage] = []
+        stop: _Command | None = None
+        for command in commands:  # in order: what came after a stop does not count
+            if command.kind == "stop":
+                stop = command
+                break
+            injected.extend(command.messages)
+        if injected:
+            self.journal.append([MessagesInjected(messages=tuple(injected), source="command")])
+        if stop is not None:
+            return self._done("stop_condition", stop.reason, state.last_response)
         if self._timed_out():
             return self._timeout(state.last_response)
         if state.warning_due is not None:  # a restart came between the round and its warning
@@ -851,7 +859,7 @@ class _LoopActor(pykka.ThreadingActor):
             case "next":
                 return engine.next_turn()
             case _Command():
-                engine.command = message
+                engine.commands.append(message)
             case ("decide", str(call_id), str(decision), reason, arguments):
                 engine.decide(call_id, decision, reason, arguments)
             case "catch_up":

@@ -405,6 +405,25 @@ def test_continue_inject_and_stop_through_the_handle(log: LogBase) -> None:
     assert isinstance(stopped.turn(), Completed)  # asking again repeats the end
 
 
+def test_handle_commands_between_two_turns_all_count_in_order(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("Final")])
+    assert isinstance(run.turn(), Yielded)
+    run.handle.inject([ChatMessage.text("user", "A")])
+    run.handle.inject([ChatMessage.text("user", "B")])
+    run.handle.continue_()  # does not undo them
+    assert isinstance(run.turn(), Completed)
+    sent = run.provider.requests[1].messages
+    assert list(sent[-2:]) == [ChatMessage.text("user", "A"), ChatMessage.text("user", "B")]
+
+    stopped = Run(log, [calls(ADD), text("never")])
+    assert isinstance(stopped.turn(), Yielded)
+    stopped.handle.stop("enough")
+    stopped.handle.continue_()  # too late: the stop stands
+    end = stopped.turn()
+    assert isinstance(end, Completed) and end.result.termination.detail == "enough"
+    assert stopped.provider.calls == 1
+
+
 def test_the_depth_limit_errors_on_the_first_turn(log: LogBase) -> None:
     provider = ScriptedProvider([text("never")])
     handle = ToolLoop.start(log, provider, prompt="go", depth=1, config=ToolLoopConfig(max_depth=1))
