@@ -1169,6 +1169,10 @@ class NestedLoops:
         config = config or self.config
         if config.nested is None and self.config.nested is not None:
             config = dataclasses.replace(config, nested=self.config.nested)
+        ours = self.config.max_depth
+        if ours is not None and (config.max_depth is None or config.max_depth > ours):
+            # A child's own config may not loosen the depth limit of the loops above it.
+            config = dataclasses.replace(config, max_depth=ours)
         with self._lock:
             index = self.started.get(context.call_id, 0)
             self.started[context.call_id] = index + 1

@@ -469,6 +469,22 @@ def test_nested_loops_are_linked_and_limited(log: LogBase) -> None:
     assert too_deep.calls == 0
 
 
+def test_a_child_config_cannot_loosen_the_depth_limit(log: LogBase) -> None:
+    never = ScriptedProvider([text("never")])
+
+    @tool
+    def spawn(context: ToolContext) -> str:
+        """Start a sub-loop with a config of its own that sets no depth limit."""
+        config = ToolLoopConfig(max_depth=None)
+        return str(context.runtime.run(context, never, prompt="x", config=config, timeout=T))
+
+    run = Run(log, [calls(("spawn", {})), text("outer done")], tools=[spawn], max_depth=1)
+    assert run.result().text == "outer done"
+    end = run.events(ToolExecutionEnd)[0]
+    assert end.is_error and "max nesting depth" in end.content
+    assert never.calls == 0
+
+
 def test_the_nested_hook_places_every_nested_loop_also_grandchildren(log: LogBase) -> None:
     """ToolLoopConfig.nested sees each loop a tool starts, in call order, and may give it
     another model and a stream id; loops started from nested loops inherit the hook."""
