@@ -55,7 +55,7 @@ from ._http import (
     RetryPolicy,
     drain,
     error_for_status,
-    parse_arguments,
+    tool_call_block,
 )
 from ._model import (
     Delta,
@@ -459,10 +459,7 @@ class _ReplyState:
         """A :class:`ToolCallComplete` when the stopped block is a tool call."""
         if index in self._calls:
             id, name, fragments = self._calls.pop(index)
-            call = ToolCallBlock(
-                id=id, name=name, arguments=parse_arguments(name, "".join(fragments))
-            )
-            yield ToolCallComplete(index=index, call=call)
+            yield ToolCallComplete(index=index, call=tool_call_block(id, name, "".join(fragments)))
 
     def end(self, delta: _InDelta, usage: _InUsage | None) -> Iterator[Delta]:
         """The stop reason and final usage (``message_delta``)."""

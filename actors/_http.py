@@ -50,7 +50,7 @@ from ._errors import (
     RateLimitError,
     ServerError,
 )
-from ._model import parse_arguments
+from ._model import parse_arguments, tool_call_block
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Iterator, Mapping
@@ -67,6 +67,7 @@ __all__ = [
     "error_for_status",
     "map_http_errors",
     "parse_arguments",
+    "tool_call_block",
     "parse_retry_after",
     "redact",
     "secrets_of",

@@ -253,8 +253,17 @@ class Assembler:
 
 
 def _close_call(call: _OpenCall) -> ToolCallBlock:
-    arguments = parse_arguments(call.name, "".join(call.args))
-    return ToolCallBlock(id=call.id, name=call.name, arguments=arguments)
+    return tool_call_block(call.id, call.name, "".join(call.args))
+
+
+def tool_call_block(id: str, name: str, raw: str) -> ToolCallBlock:
+    """A finished tool call from its arguments' text. Text that is not a JSON object is
+    kept as ``invalid_arguments``: the model made a mistake the loop answers with an
+    error result (as it does for arguments of the wrong type), not a broken reply."""
+    try:
+        return ToolCallBlock(id=id, name=name, arguments=parse_arguments(name, raw))
+    except MalformedResponseError:
+        return ToolCallBlock(id=id, name=name, invalid_arguments=raw)
 
 
 def parse_arguments(name: str, raw: str) -> dict[str, Any]:

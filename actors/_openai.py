@@ -47,7 +47,7 @@ from ._http import (
     RetryPolicy,
     drain,
     error_for_status,
-    parse_arguments,
+    tool_call_block,
 )
 from ._model import (
     Delta,
@@ -294,7 +294,12 @@ def _messages(message: ChatMessage) -> Iterator[_OutMessage]:
     calls = [
         _OutToolCall(
             id=b.id,
-            function=_FunctionCall(name=b.name, arguments=_encoder.encode(b.arguments).decode()),
+            function=_FunctionCall(
+                name=b.name,
+                arguments=b.invalid_arguments
+                if b.invalid_arguments is not None
+                else _encoder.encode(b.arguments).decode(),
+            ),
         )
         for b in message.content
         if isinstance(b, ToolCallBlock)
@@ -443,17 +448,13 @@ class _StreamState:
         for call in self._order:
             if not call.started:
                 raise MalformedResponseError("openai: a tool call without a name")
-            arguments = "".join(call.arguments)
-            try:
-                parsed = parse_arguments(call.name or "", arguments)
-            except MalformedResponseError as exc:
-                if self.stop_reason == "max_tokens":  # say why, not just that it broke
-                    raise MalformedResponseError(
-                        f"openai: the reply was cut off at max_tokens in the middle of tool "
-                        f"call {call.name!r}; raise max_tokens"
-                    ) from exc
-                raise
-            block = ToolCallBlock(id=call.id, name=call.name or "", arguments=parsed)
+            block = tool_call_block(call.id, call.name or "", "".join(call.arguments))
+            if block.invalid_arguments is not None and self.stop_reason == "max_tokens":
+                # Not the model's mistake: the reply was cut off. Say why.
+                raise MalformedResponseError(
+                    f"openai: the reply was cut off at max_tokens in the middle of tool "
+                    f"call {call.name!r}; raise max_tokens"
+                )
             yield ToolCallComplete(index=call.index, call=block)
         self._calls.clear()
         self._order.clear()

@@ -701,6 +701,11 @@ def execute(
         return _outcome(f"Unknown tool: {call.name}", True, 0, started)
     deadline = _earliest(deadline, context.deadline if context is not None else None)
     context = msgspec.structs.replace(context or ToolContext(), call_id=call.id, deadline=deadline)
+    if call.invalid_arguments is not None and not arguments_override:
+        raw = call.invalid_arguments
+        shown = raw if len(raw) <= 200 else raw[:199] + "…"
+        message = f"Invalid arguments for tool {call.name!r}: not a JSON object: {shown}"
+        return _outcome(message, True, 0, started)
     arguments = call.arguments if arguments_override is None else arguments_override
     try:
         prepared = item.bind(arguments, context)

@@ -97,6 +97,9 @@ class ToolCallBlock(_Block, frozen=True, tag="tool_call"):
     id: str
     name: str
     arguments: dict[str, Any] = {}
+    #: The arguments as the model sent them, when they were not a JSON object
+    #: (``arguments`` is then empty): the call gets an error result, not a crash.
+    invalid_arguments: str | None = None
 
 
 class ToolResultBlock(_Block, frozen=True, tag="tool_result"):

@@ -410,6 +410,24 @@ def test_a_malformed_event_and_arguments_for_a_non_tool_block() -> None:
         list(mock_provider(streaming([body])).stream(HELLO))
 
 
+def test_tool_use_input_that_is_not_json_is_kept_for_an_error_result() -> None:
+    body = sse(
+        message_start(),
+        event(
+            "content_block_start",
+            index=0,
+            content_block={"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+        ),
+        block_delta(0, type="input_json_delta", partial_json='{"a": tru'),
+        event("content_block_stop", index=0),
+        event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 5}),
+        event("message_stop"),
+    )
+    deltas = list(mock_provider(streaming([body])).stream(HELLO))
+    calls = [d.call for d in deltas if isinstance(d, ToolCallComplete)]
+    assert calls == [ToolCallBlock(id="toolu_1", name="f", invalid_arguments='{"a": tru')]
+
+
 # ---------------------------------------------------------------- requests
 
 

@@ -26,6 +26,7 @@ from moot.actors._loop import (
     deny,
     modify,
 )
+from moot.actors._model import Finished, TextDelta, ToolCallDelta, ToolCallStart, assemble
 from moot.actors._scripted import ScriptedCall, ScriptedProvider, ScriptedReply
 from moot.actors._tools import ToolContext, ToolRegistry, ToolRetry, tool
 from moot.events import (
@@ -891,3 +892,41 @@ def test_an_approval_policy_with_a_made_up_decision_fails_the_loop_cleanly(log: 
     assert "decided 'Approve'" in turn.error.message
     assert run.events(ToolExecutionStart) == [] and run.events(ToolCallDecided) == []
     assert run.replay() == run.state()  # the stream still reads back
+
+
+class _BadArguments:
+    """A model whose first reply calls a tool with arguments that are not JSON."""
+
+    name = "bad-arguments"
+    model = "bad-arguments"
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def stream(self, request: Any, *, deadline: float | None = None) -> Iterator[Any]:
+        self.requests.append(request)
+        if len(self.requests) == 1:
+            yield ToolCallStart(index=0, id="c1", name="add")
+            yield ToolCallDelta(index=0, arguments='{"a": 2, "b": ')  # cut short
+            yield Finished(stop_reason="tool_use", model=self.model)
+        else:
+            yield TextDelta(text="I will send valid JSON next time")
+            yield Finished(stop_reason="end_turn", model=self.model)
+
+    def complete(self, request: Any, *, deadline: float | None = None) -> Any:
+        return assemble(self.stream(request, deadline=deadline))
+
+
+def test_arguments_that_are_not_json_get_an_error_result(log: LogBase) -> None:
+    model = _BadArguments()
+    handle = ToolLoop.start(log, model, ToolRegistry([add]), prompt="go")
+    result = handle.run(timeout=T)
+    assert result.text == "I will send valid JSON next time"
+    ends = [r.event for r in log.read(handle.stream) if isinstance(r.event, ToolExecutionEnd)]
+    assert len(ends) == 1 and ends[0].is_error
+    assert ends[0].content == (
+        'Invalid arguments for tool \'add\': not a JSON object: {"a": 2, "b": '
+    )
+    answer = model.requests[1].messages[-1].content[0]
+    assert isinstance(answer, ToolResultBlock) and answer.is_error
+    assert log.replay(handle.stream) == handle.state()

@@ -33,7 +33,7 @@ from moot.actors._model import (
     UsageDelta,
     call_model,
 )
-from moot.actors._openai import OpenAIProvider
+from moot.actors._openai import OpenAIProvider, build_chat_request
 from moot.events import (
     ChatMessage,
     ImageBlock,
@@ -344,10 +344,17 @@ def test_an_error_object_in_the_stream_is_raised() -> None:
     assert caught.value.retryable
 
 
-def test_arguments_that_are_not_json_are_malformed() -> None:
+def test_arguments_that_are_not_json_are_kept_for_an_error_result() -> None:
+    """The model's mistake, not a broken reply: the call keeps the text it was sent, the
+    loop answers it with an error result, and the text goes back to the model as it was."""
     events = [chunk(call_fragment(0, '{"a": ', id="c", name="f")), chunk({}, finish="tool_calls")]
-    with pytest.raises(MalformedResponseError, match="'f'"):
-        deltas_of(mock_provider(streaming([sse(*events)])))
+    deltas = deltas_of(mock_provider(streaming([sse(*events)])))
+    (complete,) = [d for d in deltas if isinstance(d, ToolCallComplete)]
+    assert complete.call == ToolCallBlock(id="c", name="f", invalid_arguments='{"a": ')
+    history = ChatMessage(role="assistant", content=(complete.call,))
+    body = build_chat_request(ModelRequest(messages=(history,)), model="m", stream=False)
+    sent = msgspec.json.decode(body)["messages"][0]["tool_calls"][0]
+    assert sent["function"] == {"name": "f", "arguments": '{"a": '}
 
 
 def test_a_non_sse_content_type_is_malformed() -> None:
