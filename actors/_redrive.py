@@ -162,13 +162,20 @@ class RecordedProvider:
                 f"recording (digest {request_digest(request)}, recorded {digest})"
             )
         if isinstance(reply, Error):
-            if reply.kind == "timeout" and deadline is not None:  # as then: the deadline passes
-                threading.Event().wait(max(0.0, deadline - time.monotonic()))
-            raise _replayed_error(reply)
+            if reply.kind == _CUT_BY_DEADLINE:  # as then: the loop's deadline passes
+                if deadline is not None:
+                    threading.Event().wait(max(0.0, deadline - time.monotonic()))
+                raise ProviderTimeout(reply.message)
+            raise _replayed_error(reply)  # as recorded, at once (a read timeout, say)
         yield from response_deltas(reply)
 
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
         return assemble(self.stream(request, deadline=deadline))
+
+
+#: A recorded model call the loop's deadline cut short (it ended in Done, not an error):
+#: re-drive waits for the deadline again, where a recorded error is raised at once.
+_CUT_BY_DEADLINE = "cut_by_deadline"
 
 
 def _replayed_error(error: Error) -> ProviderError:
@@ -309,7 +316,9 @@ class _Recording:
                 elif isinstance(e, LoopFailed) and in_flight:
                     out.append((e.error, None))
                 elif isinstance(e, Done) and in_flight:  # the loop's deadline cut the call
-                    out.append((Error(kind="timeout", message="cut off by the deadline"), None))
+                    out.append(
+                        (Error(kind=_CUT_BY_DEADLINE, message="cut off by the deadline"), None)
+                    )
         return out
 
     def decisions(self, streams: list[str]) -> _RecordedDecisions:

@@ -12,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from moot.actors import Finished, ModelRequest, ModelResponse, TextDelta, UsageDelta
+from moot.actors._errors import ProviderTimeout
 from moot.actors._model import Delta, assemble
 from moot.events import Usage
 
@@ -44,3 +45,23 @@ class CountingProvider:
 
 def provider(table: dict[str, Any]) -> CountingProvider:
     return CountingProvider()
+
+
+class TimingOutProvider:
+    """A live model whose call fails at once with a read timeout, long before any loop
+    deadline (loaded as ``tests.fake_live:timing_out``)."""
+
+    name = "timing-out"
+    model: str | None = "timing-out-1"
+
+    def stream(self, request: ModelRequest, *, deadline: float | None = None) -> Iterator[Delta]:
+        CALLS.append(request)
+        raise ProviderTimeout("fake: read timeout")
+        yield  # a generator, as a provider's stream is
+
+    def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:
+        return assemble(self.stream(request, deadline=deadline))
+
+
+def timing_out(table: dict[str, Any]) -> TimingOutProvider:
+    return TimingOutProvider()

@@ -190,6 +190,21 @@ def test_a_loop_with_a_live_model_redrives(tmp_path: Path) -> None:
         assert len(fake_live.CALLS) == calls_before
 
 
+def test_a_model_call_that_timed_out_by_itself_redrives_as_it_was(tmp_path: Path) -> None:
+    """A read timeout long before the loop's deadline is recorded as LoopFailed; re-drive
+    raises it again at once, rather than waiting out the loop's deadline (which would end
+    the loop as Done and report a divergence that is not there)."""
+    scenario = tmp_path / "loop.toml"
+    scenario.write_text(
+        '[loop]\nid = "t"\nprompt = "hi"\nagent = "tests.fake_live:timing_out"\ntimeout_s = 2\n'
+    )
+    with EventLog(tmp_path / "m.db") as log:
+        run_loop(load_scenario(scenario), log)  # type: ignore[arg-type]
+        assert type(list(log.read("t"))[-1].event).__name__ == "LoopFailed"
+        report = redrive(load_scenario(scenario), log, "t")  # type: ignore[arg-type]
+        assert report.ok, report
+
+
 def test_a_loop_that_waited_for_approvals_redrives(tmp_path: Path) -> None:
 
     scenario = load_scenario(ROOT / "examples" / "calculator.toml")
