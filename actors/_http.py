@@ -208,6 +208,23 @@ def redact(text: str, secrets: tuple[str, ...]) -> str:
     return text
 
 
+_MASK = "***"
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit to show: without a password in it, and without its query (which may
+    carry a key, as in ``?api-key=...``)."""
+    try:
+        parts = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "<unparsable URL>"
+    if parts.password:
+        parts = parts.copy_with(username=parts.username, password=_MASK)
+    if parts.query:
+        parts = parts.copy_with(query=b"***")
+    return str(parts)
+
+
 def secrets_of(headers: Mapping[str, str]) -> tuple[str, ...]:
     """The credential values among ``headers``: whole values and bearer tokens alone."""
     found: list[str] = []
@@ -371,7 +388,7 @@ class HttpProvider:
 
     def __repr__(self) -> str:
         key = "'***'" if self._has_key else "None"
-        base = getattr(self, "base_url", "")
+        base = shown_url(getattr(self, "base_url", ""))
         return f"{type(self).__name__}(model={self.model!r}, base_url={base!r}, api_key={key})"
 
     def __enter__(self) -> Self:
@@ -510,7 +527,7 @@ class HttpEndpoint:
         self._timeout = timeout
 
     def __repr__(self) -> str:
-        return f"<HttpEndpoint {self.provider} {self.url}>"
+        return f"<HttpEndpoint {self.provider} {shown_url(str(self.url))}>"
 
     def redact(self, text: str) -> str:
         """``text`` without this endpoint's secrets."""

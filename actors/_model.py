@@ -67,7 +67,17 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
     response_schema: dict[str, Any] | None = None
     #: Total seconds this call may take, retries included (also bounded by any deadline).
     timeout_s: float | None = None
+    #: Sent with the call; their values never appear in reprs, logs or errors.
     extra_headers: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        shown = []
+        for field in self.__struct_fields__:
+            value = getattr(self, field)
+            if field == "extra_headers":
+                value = dict.fromkeys(value, "***")
+            shown.append(f"{field}={value!r}")
+        return f"ModelRequest({', '.join(shown)})"
 
 
 class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -528,5 +528,13 @@ def test_reprs_do_not_show_the_key() -> None:
         assert SECRET not in repr(thing)
         assert SECRET not in str(thing)
     assert "api_key='***'" in repr(openai)
-    for thing in (openai, anthropic, endpoint):
+    # A key in the base URL (as a password, or in the query as some gateways want it),
+    # or in a request's extra headers.
+    in_url = OpenAIProvider(f"http://user:{SECRET}@127.0.0.1:9/v1?api-key={SECRET}", "m")
+    request = ModelRequest(messages=(), extra_headers={"authorization": f"Bearer {SECRET}"})
+    for thing in (in_url, in_url._endpoint, request):
+        assert SECRET not in repr(thing) and SECRET not in str(thing)
+    assert "base_url='http://user:***@127.0.0.1:9/v1?***'" in repr(in_url)
+    assert "extra_headers={'authorization': '***'}" in repr(request)
+    for thing in (openai, anthropic, endpoint, in_url):
         thing.close()
