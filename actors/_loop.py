@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -111,7 +112,8 @@ class Approval:
     arguments: dict[str, Any] | None = None
 
 
-_DECISIONS = frozenset(("approve", "deny", "modify", "ask"))
+#: The decisions a ToolCallDecided records (its schema is the one list of them).
+_DECIDED = frozenset(typing.get_args(typing.get_type_hints(ToolCallDecided)["decision"]))
 
 
 def approve() -> Approval:
@@ -473,7 +475,7 @@ class _Engine:
             verdict = _hook(policy, call, returns=Approval)
             if verdict is None:
                 raise _HookFailed(TypeError("the approval policy returned None, not an Approval"))
-            if verdict.decision not in _DECISIONS:
+            if verdict.decision != "ask" and verdict.decision not in _DECIDED:
                 raise _HookFailed(
                     ValueError(
                         f"the approval policy decided {verdict.decision!r}; a decision is "
@@ -819,7 +821,7 @@ def decision_event(
     if call_id not in waiting:
         known = ", ".join(waiting) or "none"
         raise ToolLoopError(f"no call {call_id!r} is waiting for a decision (waiting: {known})")
-    if decision not in ("approve", "deny", "modify"):
+    if decision not in _DECIDED:
         raise ToolLoopError(f"unknown decision {decision!r}")
     if decision == "modify" and arguments is None:
         raise ToolLoopError("a modify decision needs arguments")

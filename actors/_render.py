@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -82,16 +83,14 @@ def jsonl_line(row: StoredEvent) -> str:
         "recorded_at": row.recorded_at,
     }
     data: object = row.data
-    try:
-        text = data.encode() if isinstance(data, str) else None
-        if text is None:
-            raise msgspec.DecodeError
-        _check.decode(text)
-    except msgspec.DecodeError:
-        body["data"] = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-        body["invalid"] = "data is not JSON"
-    else:
-        body["data"] = msgspec.Raw(text)
+    if isinstance(data, str):
+        text = data.encode()
+        with contextlib.suppress(msgspec.DecodeError):
+            _check.decode(text)
+            body["data"] = msgspec.Raw(text)
+            return _json.encode(body).decode()
+    body["data"] = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+    body["invalid"] = "data is not JSON"
     return _json.encode(body).decode()
 
 

@@ -155,6 +155,17 @@ def _release(callers: list[_Append]) -> None:
     callers.clear()
 
 
+def _started_as(first: object) -> tuple[str, str | None] | None:
+    """The kind and parent a stream's first event gives it; None if it is no start.
+
+    Appends set a new stream's head from this, and verify checks heads against it."""
+    if isinstance(first, DialogueStarted):
+        return "dialogue", None
+    if isinstance(first, LoopStarted):
+        return "loop", first.parent.stream if first.parent else None
+    return None
+
+
 def _interrupted() -> StoreError:
     """What a caller hears when the leader committing its request was interrupted."""
     return StoreError("interrupted while committing; the events may not be written")
@@ -411,8 +422,7 @@ class LogBase:
         their error instead."""
         recorded_at = utc_now()
         header = encode_header
-        streams = {batch[0].stream} if len(batch) == 1 else {r.stream for r in batch}
-        position, heads = tx.heads(streams)
+        position, heads = tx.heads({r.stream for r in batch})
         changed: dict[str, StreamInfo] = {}
         rows: list[tuple[Any, ...]] = []
         for r in batch:
@@ -469,15 +479,13 @@ class LogBase:
             if not r.events:
                 return "", None
             first = r.events[0]
-            if isinstance(first, DialogueStarted):
-                kind, parent = "dialogue", None
-            elif isinstance(first, LoopStarted):
-                kind, parent = "loop", first.parent.stream if first.parent else None
-            else:
+            started = _started_as(first)
+            if started is None:
                 raise IntegrityError(
                     f"stream {r.stream!r} is new, so its first event must be DialogueStarted "
                     f"or LoopStarted, not {type(first).__name__}"
                 )
+            kind, parent = started
             rest = r.events[1:]
         else:
             kind, parent, rest = head.kind, head.parent, r.events
@@ -636,13 +644,11 @@ class LogBase:
                     problem = f"the event cannot be read ({exc})"
                 else:
                     if seq == 1:
-                        if isinstance(event, DialogueStarted):
-                            started[s] = ("dialogue", None, recorded_at)
-                        elif isinstance(event, LoopStarted):
-                            parent = event.parent.stream if event.parent else None
-                            started[s] = ("loop", parent, recorded_at)
-                        else:
+                        kind_parent = _started_as(event)
+                        if kind_parent is None:
                             problem = f"the first event is {type_name}, not a start"
+                        else:
+                            started[s] = (*kind_parent, recorded_at)
                     status = next_status(status, event)
             if problem is not None:
                 return VerifyReport(False, checked, position, f"stream {s!r}: {problem}", s)

@@ -146,11 +146,7 @@ class _Tx:
         known = self._known
         if known.position is not None:
             cached = known.streams
-            if len(streams) == 1:  # the usual case, without a comprehension
-                (name,) = streams
-                found = {name: cached[name]} if name in cached else {}
-            else:
-                found = {s: cached[s] for s in streams if s in cached}
+            found = {s: cached[s] for s in streams if s in cached}
             if len(found) == len(streams):
                 self.cached = True
                 self.position = known.position
