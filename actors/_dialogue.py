@@ -20,8 +20,9 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
+import msgspec
 import pykka
 
 from moot.events import (
@@ -35,6 +36,7 @@ from moot.events import (
     PayloadDelivered,
     Speaker,
     TurnStarted,
+    checked,
 )
 
 from ._agents import Agent, AgentMemory
@@ -171,14 +173,16 @@ class Dialogue:
             raise DialogueError(f"unknown reaction strategy {reaction!r}")
         render_context(context)  # an unknown talk style fails here, before anything is recorded
         stream = stream or new_stream_id()
-        started = DialogueStarted(
-            mode=mode,  # type: ignore[arg-type]
-            order=order,  # type: ignore[arg-type]
-            names=tuple(names),
-            participants=tuple(p.info for p in participants),
-            context=context,
-            reaction=reaction,
-            metadata=metadata,
+        started = _checked(
+            DialogueStarted(
+                mode=mode,  # type: ignore[arg-type]
+                order=order,  # type: ignore[arg-type]
+                names=tuple(names),
+                participants=tuple(p.info for p in participants),
+                context=context,
+                reaction=reaction,
+                metadata=metadata,
+            )
         )
         log.append(stream, [started], expected_seq=0)
         state = log.replay(stream)
@@ -242,7 +246,9 @@ class Dialogue:
         """
         if not inputs:
             raise DialogueError("a turn needs at least one input")
-        messages = tuple((Input(i) if isinstance(i, str) else i).message() for i in inputs)
+        messages = tuple(
+            _checked((Input(i) if isinstance(i, str) else i).message()) for i in inputs
+        )
         return self._start(messages)
 
     def finish_turn(self) -> Session:
@@ -286,8 +292,9 @@ class Dialogue:
         dialogue's ``timeout``, a DialogueError says so; the join stays queued and
         happens when the turn ends.
         """
-        strategy = strategy or JoiningStrategy.recent()
-        self._wait(self._ask(("join", participant.info, strategy, participant.agent)))
+        strategy = _checked(strategy or JoiningStrategy.recent())
+        info = _checked(participant.info)
+        self._wait(self._ask(("join", info, strategy, participant.agent)))
 
     def remove(self, name: str) -> None:
         """Remove a participant (after a turn in progress ends; as with :meth:`join`, a
@@ -355,6 +362,21 @@ class Dialogue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _checked(value: _S) -> _S:
+    """``value`` with every field checked (see :func:`moot.events.checked`).
+
+    Raises:
+        DialogueError: a field has the wrong type; nothing is recorded.
+    """
+    try:
+        return checked(value)
+    except ValueError as exc:
+        raise DialogueError(str(exc)) from None
 
 
 def _restore(agent: Agent, memory: AgentMemory) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 import typing
@@ -54,6 +55,7 @@ from moot.events import (
     ToolExecutionStart,
     ToolResultBlock,
     Usage,
+    checked,
     text_of,
 )
 from moot.store import StoreError
@@ -92,6 +94,8 @@ __all__ = [
     "deny",
     "modify",
 ]
+
+logger = logging.getLogger("moot.actors.loop")
 
 LOOP_WARNING = (
     "Warning: you have called {tool} with identical arguments {count} times in a row. "
@@ -364,16 +368,7 @@ class _Engine:
             return self._fail(
                 ToolLoopError(f"max nesting depth exceeded (depth {state.depth}, limit {limit})")
             )
-        commands, self.commands = self.commands, []
-        injected: list[ChatMessage] = []
-        stop: _Command | None = None
-        for command in commands:  # in order: what came after a stop does not count
-            if command.kind == "stop":
-                stop = command
-                break
-            injected.extend(command.messages)
-        if injected:
-            self.journal.append([MessagesInjected(messages=tuple(injected), source="command")])
+        stop = self._take_commands()
         if stop is not None:
             return self._done("stop_condition", stop.reason, state.last_response)
         if self._timed_out():
@@ -390,6 +385,21 @@ class _Engine:
         events.extend(self._masking(state.iteration + 1))
         self.journal.append(events)
         return self._respond()
+
+    def _take_commands(self) -> _Command | None:
+        """Record the messages the handle injected, in order, up to a stop; returns the
+        stop, if one came (what came after it does not count)."""
+        commands, self.commands = self.commands, []
+        injected: list[ChatMessage] = []
+        stop: _Command | None = None
+        for command in commands:
+            if command.kind == "stop":
+                stop = command
+                break
+            injected.extend(command.messages)
+        if injected:
+            self.journal.append([MessagesInjected(messages=tuple(injected), source="command")])
+        return stop
 
     def _respond(self) -> LoopTurn:
         """Call the model for the current iteration and act on its answer."""
@@ -496,6 +506,25 @@ class _Engine:
                     )
                 )
         return asks, decided
+
+    def command(self, command: _Command) -> None:
+        """A handle's command: kept for the next turn, except a stop that finds the loop
+        paused for approval, which ends it now (nobody need decide first)."""
+        self.commands.append(command)
+        if command.kind != "stop" or not self.state.awaiting:
+            return
+        taken = False
+        try:
+            self.journal.catch_up()  # a decision from elsewhere may have ended the pause
+            state = self.state
+            if state.awaiting and not state.finished:
+                taken = True
+                self._take_commands()
+                self._done("stop_condition", command.reason, state.last_response)
+        except StoreError:  # the log cannot be written now: the stop waits for a turn
+            logger.exception("loop %s: could not stop while paused", self.stream)
+            if taken:
+                self.commands.append(command)
 
     def decide(
         self, call_id: str, decision: str, reason: str | None, arguments: dict[str, Any] | None
@@ -817,6 +846,8 @@ def decision_event(
     Raises:
         ToolLoopError: no such call is waiting, or the decision is malformed.
     """
+    if state.finished:
+        raise ToolLoopError(f"the loop has ended ({state.status}); it waits for no decision")
     waiting = {c.id: c for c in state.awaiting}
     if call_id not in waiting:
         known = ", ".join(waiting) or "none"
@@ -861,7 +892,7 @@ class _LoopActor(pykka.ThreadingActor):
             case "next":
                 return engine.next_turn()
             case _Command():
-                engine.commands.append(message)
+                engine.command(message)
             case ("decide", str(call_id), str(decision), reason, arguments):
                 engine.decide(call_id, decision, reason, arguments)
             case "catch_up":
@@ -897,11 +928,20 @@ class ToolLoopHandle:
         self._ref.tell(_Command("continue"))
 
     def inject(self, messages: Sequence[ChatMessage]) -> None:
-        """Add ``messages`` to the history before the next model call."""
-        self._ref.tell(_Command("inject", tuple(messages)))
+        """Add ``messages`` to the history before the next model call.
+
+        Raises:
+            ToolLoopError: a message has the wrong shape (nothing is sent).
+        """
+        try:
+            checked_messages = tuple(checked(m) for m in messages)
+        except ValueError as exc:
+            raise ToolLoopError(str(exc)) from None
+        self._ref.tell(_Command("inject", checked_messages))
 
     def stop(self, reason: str | None = None) -> None:
-        """End the loop at the next turn, without another model call."""
+        """End the loop at the next turn, without another model call; a loop paused for
+        approval ends at once, its waiting calls not run (``Done``, ``stop_condition``)."""
         self._ref.tell(_Command("stop", reason=reason))
 
     def decide(
@@ -1034,6 +1074,10 @@ class ToolLoop:
             messages=tuple(history),
             model=provider.model,
         )
+        try:
+            started = checked(started)
+        except ValueError as exc:  # a hand-made message of the wrong shape
+            raise ToolLoopError(str(exc)) from None
         log.append(stream, [started], expected_seq=0)
         return ToolLoop._spawn(log, stream, provider, tools, config, on_delta)
 

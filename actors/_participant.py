@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pykka
 
-from moot.events import Error
+from moot.events import Error, checked
 
 from ._agents import AgentReply, Payload
 from ._errors import error_record
@@ -66,9 +66,9 @@ class ParticipantActor(pykka.ThreadingActor):
             reply = AgentReply(content=answer)
         elif isinstance(answer, AgentReply):  # its fields are not checked when it is made
             try:
-                reply = _checked(answer)
-            except msgspec.ValidationError as exc:
-                error = Error(kind="bad_reply", message=f"agent returned a bad AgentReply: {exc}")
+                reply = checked(answer)
+            except ValueError as exc:
+                error = Error(kind="bad_reply", message=f"agent returned a bad reply: {exc}")
                 return Outcome(self.name, payload.turn, error=error)
         else:  # the protocol is not enforced at run time
             kind = type(answer).__name__
@@ -78,13 +78,3 @@ class ParticipantActor(pykka.ThreadingActor):
             latency = round((time.monotonic() - started) * 1000, 3)
             reply = msgspec.structs.replace(reply, latency_ms=latency)
         return Outcome(self.name, payload.turn, reply=reply)
-
-
-def _checked(reply: AgentReply) -> AgentReply:
-    """The reply, validated field by field: a wrong type would otherwise reach the log
-    and make the stream unreadable.
-
-    Raises:
-        msgspec.ValidationError: a field has the wrong type.
-    """
-    return msgspec.json.decode(msgspec.json.encode(reply), type=AgentReply)

@@ -5,7 +5,14 @@ Pure code: nothing here does I/O or imports the rest of moot.
 
 from __future__ import annotations
 
-from ._codec import CURRENT_VERSIONS, EVENT_TYPES, decode_event, encode_event, register_upcaster
+from ._codec import (
+    CURRENT_VERSIONS,
+    EVENT_TYPES,
+    checked,
+    decode_event,
+    encode_event,
+    register_upcaster,
+)
 from ._errors import EventDecodeError, MootError
 from ._events import (
     ApprovalRequested,
@@ -128,6 +135,7 @@ __all__ = [
     "TurnState",
     "Usage",
     "call_signature",
+    "checked",
     "decode_event",
     "denied_result",
     "encode_event",

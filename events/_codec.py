@@ -21,6 +21,7 @@ from ._events import Event, EventBase
 __all__ = [
     "CURRENT_VERSIONS",
     "EVENT_TYPES",
+    "checked",
     "decode_event",
     "encode_event",
     "register_upcaster",
@@ -60,6 +61,25 @@ def register_upcaster(type_name: str, from_version: int) -> Callable[[Upcaster],
 def encode_event(event: EventBase) -> bytes:
     """The JSON body of ``event`` (its tag included) as UTF-8 bytes."""
     return _encoder.encode(event)
+
+
+_V = typing.TypeVar("_V", bound=msgspec.Struct)
+
+
+def checked(value: _V) -> _V:
+    """``value`` as it will read back from the log, every field checked against its type.
+
+    msgspec checks types when it decodes, not when a Struct is made: a value built by
+    hand with a wrong type would be written, and its stream could not be read again.
+    Whatever comes from a user is passed through here before it is appended.
+
+    Raises:
+        ValueError: a field has the wrong type, or holds a value JSON cannot encode.
+    """
+    try:
+        return msgspec.json.decode(_encoder.encode(value), type=type(value))
+    except (TypeError, msgspec.EncodeError, msgspec.DecodeError) as exc:
+        raise ValueError(f"invalid {type(value).__name__}: {exc}") from exc
 
 
 def decode_event(type_name: str, version: int, data: str | bytes) -> Event:

@@ -436,8 +436,10 @@ def _evolve_loop(s: LoopState, ev: Event) -> LoopState:  # noqa: PLR0915  one ca
         case Done():
             s.termination = ev.termination
             s.response = ev.response
+            s.awaiting = []  # a loop stopped while paused waits for nobody
         case LoopFailed():
             s.error = ev.error
+            s.awaiting = []
         case _:
             raise TypeError(f"{type(ev).__name__} does not belong in a loop stream")
     if s.status != "open" or type(ev) in STATUS_EVENTS:

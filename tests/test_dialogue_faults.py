@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from moot.actors._agents import AgentReply, CallableAgent, LlmAgent, Payload
-from moot.actors._dialogue import Dialogue, Participant
+from moot.actors._dialogue import Dialogue, Input, Participant
 from moot.actors._errors import DialogueError
 from moot.actors._journal import Journal
 from moot.actors._scripted import ScriptedProvider, ScriptedReply
@@ -294,6 +294,29 @@ def test_a_reply_with_wrong_field_types_is_a_failure_not_a_broken_log() -> None:
     assert error is not None and error.kind == "bad_reply"
     assert "Expected `str`, got `int` - at `$.content`" in error.message
     assert log.replay(d.stream) == d.state()  # the stream still reads back
+    d.close()
+
+
+def test_values_of_the_wrong_type_are_refused_before_they_reach_the_log() -> None:
+    """msgspec checks types when it reads, not when a Struct is made: a wrong value
+    written once would leave the stream unreadable, so it is refused at the door."""
+    log = MemoryEventLog()
+    agent = CallableAgent(lambda p: "fine")
+    wrong_role = r"invalid DialogueStarted: .* at `\$.participants\[0\].role`"
+    with pytest.raises(DialogueError, match=wrong_role):
+        Dialogue.create(log, participants=[Participant("a", agent, role=5)])  # type: ignore[arg-type]
+    with pytest.raises(DialogueError, match=r"invalid DialogueStarted: .*unsupported"):
+        Dialogue.create(log, participants=[Participant("a", agent)], metadata={"at": object()})
+    assert log.streams() == []
+    d = Dialogue.create(log, participants=[Participant("a", agent)])
+    before = log.stream_info(d.stream).last_seq
+    with pytest.raises(DialogueError, match=r"invalid DialogueMessage: .* at `\$.content`"):
+        d.run(Input(content=5), timeout=T)  # type: ignore[arg-type]
+    with pytest.raises(DialogueError, match=r"invalid ParticipantInfo: .* at `\$.capabilities`"):
+        d.join(Participant("b", agent, capabilities="search"))  # type: ignore[arg-type]
+    assert log.stream_info(d.stream).last_seq == before  # nothing recorded
+    assert [r.content for r in d.run("go", timeout=T)] == ["fine"]  # and it goes on
+    assert log.replay(d.stream) == d.state()
     d.close()
 
 

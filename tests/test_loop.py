@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import threading
 import time
@@ -667,6 +668,71 @@ def test_approval_pauses_until_a_person_decides(log: LogBase) -> None:
     assert isinstance(run.turn(), Yielded)
     assert run.result().text == "ok"
     assert run.events(ToolExecutionEnd)[0].content == "5.0"
+
+
+def test_stop_ends_a_loop_paused_for_approval_at_once(log: LogBase) -> None:
+    """Nobody has to decide first: a driver waiting for a decision sees the loop end."""
+    from moot.actors._errors import ToolLoopError
+
+    run = Run(log, [calls(ADD), text("never")], approval=lambda call: ask_person())
+    paused: list[Paused] = []
+    ended: concurrent.futures.Future[LoopResult] = concurrent.futures.Future()
+
+    def drive() -> None:
+        try:
+            ended.set_result(run.handle.run(timeout=T, on_turn=note))
+        except BaseException as exc:  # handed to the test thread
+            ended.set_exception(exc)
+
+    def note(turn: Any) -> None:
+        if isinstance(turn, Paused):
+            paused.append(turn)
+            asked.set()
+
+    asked = threading.Event()
+    threading.Thread(target=drive, daemon=True).start()
+    assert asked.wait(T)  # the driver now waits for a decision
+    run.handle.inject([ChatMessage.text("user", "never mind")])
+    run.handle.stop("the person left")
+    result = ended.result(T)
+    assert result.termination.reason == "stop_condition"
+    assert result.termination.detail == "the person left"
+    assert run.events(ToolExecutionStart) == []  # the waiting call never ran
+    kinds = [type(e).__name__ for e in run.events()]
+    assert kinds[-3:] == ["ApprovalRequested", "MessagesInjected", "Done"]
+    state = run.replay()
+    assert state.status == "completed" and state.awaiting == []
+    assert run.state() == state
+    assert run.provider.calls == 1  # no model call after the stop
+    with pytest.raises(ToolLoopError, match="has ended"):
+        run.handle.decide(paused[0].calls[0].id, "approve")
+
+
+def test_stop_between_turns_still_waits_for_the_next_turn(log: LogBase) -> None:
+    run = Run(log, [calls(ADD), text("never")])
+    assert isinstance(run.turn(), Yielded)
+    run.handle.stop()
+    assert [type(e).__name__ for e in run.events()][-1] == "ToolExecutionEnd"  # not yet
+    turn = run.turn()
+    assert isinstance(turn, Completed)
+    assert turn.result.termination.reason == "stop_condition"
+
+
+def test_messages_of_the_wrong_shape_are_refused_before_they_reach_the_log(log: LogBase) -> None:
+    from moot.actors._errors import ToolLoopError
+
+    bad = ChatMessage(role="user", content="hi")  # type: ignore[arg-type]  # not blocks
+    wrong = r"invalid LoopStarted: .* at `\$.messages\[0\].content`"
+    with pytest.raises(ToolLoopError, match=wrong):
+        ToolLoop.start(log, ScriptedProvider([text("x")]), messages=[bad])
+    assert log.streams() == []
+    run = Run(log, [calls(ADD), text("done")])
+    assert isinstance(run.turn(), Yielded)
+    with pytest.raises(ToolLoopError, match=r"invalid ChatMessage: .* at `\$.content`"):
+        run.handle.inject([bad])
+    assert run.result().text == "done"
+    assert run.events(MessagesInjected) == []
+    assert run.state() == run.replay()
 
 
 def test_costs_from_a_pricing_table(log: LogBase) -> None:

@@ -98,8 +98,9 @@ def test_a_decision_taken_while_nothing_runs_is_picked_up(tmp_path: Path) -> Non
             tool_call_id=call_id, content="Tool call denied: no maths today", is_error=True
         )
     ]
-    again = moot(db, "approve", stream, call_id)
-    assert again.returncode == 2 and "is waiting for a decision" in again.stderr
+    again = moot(db, "approve", stream, call_id)  # the loop is over: nothing waits
+    assert again.returncode == 2
+    assert again.stderr == "moot: the loop has ended (completed); it waits for no decision\n"
     assert len(again.stderr.strip().splitlines()) == 1
 
 
