@@ -492,19 +492,22 @@ class _Engine:
                         "approve, deny, modify or ask"
                     )
                 )
+            event = ToolCallDecided(
+                call_id=call.id,
+                tool_name=call.name,
+                decision="deny" if verdict.decision == "ask" else verdict.decision,
+                reason=verdict.reason,
+                arguments=verdict.arguments,
+            )
+            try:  # a reason or arguments of the wrong type would make the stream unreadable
+                checked(event)
+            except ValueError as exc:
+                raise _HookFailed(ValueError(f"the approval policy's answer: {exc}")) from None
             if verdict.decision == "ask":
                 asks.append(call)
                 self.ask_reason = verdict.reason
             elif verdict.decision != "approve" or verdict.reason:
-                decided.append(
-                    ToolCallDecided(
-                        call_id=call.id,
-                        tool_name=call.name,
-                        decision=verdict.decision,
-                        reason=verdict.reason,
-                        arguments=verdict.arguments,
-                    )
-                )
+                decided.append(event)
         return asks, decided
 
     def command(self, command: _Command) -> None:
@@ -856,13 +859,17 @@ def decision_event(
         raise ToolLoopError(f"unknown decision {decision!r}")
     if decision == "modify" and arguments is None:
         raise ToolLoopError("a modify decision needs arguments")
-    return ToolCallDecided(
+    event = ToolCallDecided(
         call_id=call_id,
         tool_name=waiting[call_id].name,
         decision=decision,  # type: ignore[arg-type]
         reason=reason,
         arguments=arguments,
     )
+    try:
+        return checked(event)
+    except ValueError as exc:
+        raise ToolLoopError(str(exc)) from None
 
 
 def _with_calls(
@@ -942,6 +949,8 @@ class ToolLoopHandle:
     def stop(self, reason: str | None = None) -> None:
         """End the loop at the next turn, without another model call; a loop paused for
         approval ends at once, its waiting calls not run (``Done``, ``stop_condition``)."""
+        if reason is not None and not isinstance(reason, str):
+            raise ToolLoopError(f"a stop reason is a string, not {type(reason).__name__}")
         self._ref.tell(_Command("stop", reason=reason))
 
     def decide(

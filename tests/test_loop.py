@@ -735,6 +735,29 @@ def test_messages_of_the_wrong_shape_are_refused_before_they_reach_the_log(log: 
     assert run.state() == run.replay()
 
 
+def test_decisions_of_the_wrong_type_never_reach_the_log(log: LogBase) -> None:
+    from moot.actors._errors import ToolLoopError
+
+    run = Run(log, [calls(ADD), text("never")], approval=lambda call: deny(5))  # type: ignore[arg-type]
+    turn = run.turn()
+    assert isinstance(turn, Failed)
+    assert turn.error.message.startswith("the approval policy's answer: invalid ToolCallDecided")
+    assert run.state() == run.replay()  # the stream reads back
+    run = Run(log, [calls(ADD), text("ok")], approval=lambda call: ask_person())
+    paused = run.turn()
+    assert isinstance(paused, Paused)
+    call_id = paused.calls[0].id
+    with pytest.raises(ToolLoopError, match=r"invalid ToolCallDecided: .* at `\$.reason`"):
+        run.handle.decide(call_id, "deny", reason=5)  # type: ignore[arg-type]
+    with pytest.raises(ToolLoopError, match=r"invalid ToolCallDecided: .* at `\$.arguments`"):
+        run.handle.decide(call_id, "modify", arguments=[1])  # type: ignore[arg-type]
+    with pytest.raises(ToolLoopError, match="a stop reason is a string, not int"):
+        run.handle.stop(5)  # type: ignore[arg-type]
+    run.handle.decide(call_id, "approve")
+    assert run.result().text == "ok"
+    assert run.state() == run.replay()
+
+
 def test_costs_from_a_pricing_table(log: LogBase) -> None:
     from moot.actors._loop import Pricing
 
