@@ -307,6 +307,7 @@ class _Engine:
         *,
         on_delta: Callable[[Delta], None] | None,
         runtime: Any,
+        deadline: float | None = None,
     ) -> None:
         self.journal = journal
         self.provider = provider
@@ -315,7 +316,15 @@ class _Engine:
         self.on_delta = on_delta
         self.runtime = runtime
         self.started = time.monotonic()
-        self.deadline = None if config.timeout_s is None else self.started + config.timeout_s
+        own = None if config.timeout_s is None else self.started + config.timeout_s
+        #: The loop's own deadline, or an earlier one it was given (a nested loop's
+        #: caller's): it cuts model calls and tools, and ends the loop with ``timeout``.
+        self.deadline = min((d for d in (own, deadline) if d is not None), default=None)
+        self.deadline_detail = (
+            f"after {config.timeout_s} s"
+            if self.deadline == own
+            else "at the deadline of the loop that started it"
+        )
         #: Handle commands since the last turn, in the order they came.
         self.commands: list[_Command] = []
         self.ask_reason: str | None = None
@@ -415,9 +424,7 @@ class _Engine:
             )
         except ProviderTimeout as exc:
             if self._timed_out():
-                return self._done(
-                    "timeout", f"after {self.config.timeout_s} s", state.last_response
-                )
+                return self._done("timeout", self.deadline_detail, state.last_response)
             return self._fail(exc)
         except ProviderError as exc:
             return self._fail(exc)
@@ -763,7 +770,7 @@ class _Engine:
         return out
 
     def _timeout(self, response: tuple[ContentBlock, ...]) -> LoopTurn:
-        return self._done("timeout", f"after {self.config.timeout_s} s", response)
+        return self._done("timeout", self.deadline_detail, response)
 
     def _done(
         self, reason: str, detail: str | None, response: tuple[ContentBlock, ...]
@@ -1061,8 +1068,12 @@ class ToolLoop:
         parent: LoopParent | None = None,
         depth: int = 0,
         on_delta: Callable[[Delta], None] | None = None,
+        deadline: float | None = None,
     ) -> ToolLoopHandle:
-        """Record LoopStarted and start the loop's actor (nothing runs until asked)."""
+        """Record LoopStarted and start the loop's actor (nothing runs until asked).
+
+        ``deadline`` (a ``time.monotonic()`` instant) bounds the loop as ``timeout_s``
+        does, when it comes first: a nested loop gets its calling loop's."""
         from ._dialogue import new_stream_id
 
         tools = tools or ToolRegistry()
@@ -1088,7 +1099,7 @@ class ToolLoop:
         except ValueError as exc:  # a hand-made message of the wrong shape
             raise ToolLoopError(str(exc)) from None
         log.append(stream, [started], expected_seq=0)
-        return ToolLoop._spawn(log, stream, provider, tools, config, on_delta)
+        return ToolLoop._spawn(log, stream, provider, tools, config, on_delta, deadline=deadline)
 
     @staticmethod
     def run(
@@ -1122,6 +1133,7 @@ class ToolLoop:
         config: ToolLoopConfig | None = None,
         *,
         on_delta: Callable[[Delta], None] | None = None,
+        deadline: float | None = None,
     ) -> ToolLoopHandle:
         """Pick up a loop from its log (after a crash or a restart while paused).
 
@@ -1143,6 +1155,7 @@ class ToolLoop:
             config or ToolLoopConfig(),
             on_delta,
             resumed=True,
+            deadline=deadline,
         )
 
     @staticmethod
@@ -1155,12 +1168,15 @@ class ToolLoop:
         on_delta: Callable[[Delta], None] | None,
         *,
         resumed: bool = False,
+        deadline: float | None = None,
     ) -> ToolLoopHandle:
         state = log.replay(stream)
         assert isinstance(state, LoopState)
         journal = Journal(log, stream, state)
         runtime = NestedLoops(log, stream, config, resumed=resumed)
-        engine = _Engine(journal, provider, tools, config, on_delta=on_delta, runtime=runtime)
+        engine = _Engine(
+            journal, provider, tools, config, on_delta=on_delta, runtime=runtime, deadline=deadline
+        )
         return ToolLoopHandle(log, stream, _LoopActor.start(engine))
 
 
@@ -1207,6 +1223,7 @@ class NestedLoops:
         timeout: float | None = None,
     ) -> LoopResult:
         """Run a child loop to its end, linked to this call; depth is one more than ours.
+        The child ends (``timeout``) by the call's deadline if its own comes later.
 
         In a resumed loop, a tool that runs again after a crash finds the loops it had
         started on record: the n-th loop it asks for is the n-th it started then, which
@@ -1240,8 +1257,12 @@ class NestedLoops:
         if config.nested is not None:
             plan = config.nested(plan)
         earlier = started_from(self.log, plan.parent) if self.resumed else []
+        # The child ends by its caller's deadline too: it does not outlive the call.
+        deadline = context.deadline
         if index < len(earlier):
-            child = ToolLoop.resume(self.log, earlier[index], plan.provider, plan.tools, config)
+            child = ToolLoop.resume(
+                self.log, earlier[index], plan.provider, plan.tools, config, deadline=deadline
+            )
         else:
             child = ToolLoop.start(
                 self.log,
@@ -1252,6 +1273,7 @@ class NestedLoops:
                 stream=plan.stream,
                 parent=plan.parent,
                 depth=context.depth + 1,
+                deadline=deadline,
             )
         try:
             return child.run(timeout=timeout)

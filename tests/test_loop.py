@@ -347,6 +347,34 @@ def test_the_timeout_cuts_a_hanging_tool(log: LogBase) -> None:
     assert end.is_error and "timed out" in end.content
 
 
+def test_a_nested_loop_ends_by_its_callers_deadline(log: LogBase) -> None:
+    slow = ScriptedProvider([text("too late", delay_ms=30_000)])
+    child_over = threading.Event()
+    outcome: list[Any] = []
+
+    @tool
+    def delegate(context: ToolContext) -> str:
+        """Ask a sub-agent whose own config has no time limit."""
+        try:
+            outcome.append(context.runtime.run(context, slow, prompt="x", config=ToolLoopConfig()))
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+        finally:
+            child_over.set()
+        return "never in time"
+
+    run = Run(log, [calls(("delegate", {})), text("never")], tools=[delegate], timeout_s=0.3)
+    assert run.result().termination.reason == "timeout"
+    assert child_over.wait(T)  # the child does not run on after its caller gave up
+    (child,) = outcome
+    assert isinstance(child, LoopResult)
+    assert child.termination.reason == "timeout"
+    assert child.termination.detail == "at the deadline of the loop that started it"
+    assert log.stream_info(child.stream).status == "completed"
+    assert log.replay(child.stream).config.timeout_s is None  # the record is its own config
+
+
 # -------------------------------------------------------------------- retries
 
 
