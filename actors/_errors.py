@@ -13,7 +13,7 @@
         ├── NotFoundError          404: wrong base URL or model
         ├── BadRequestError        400 / 413 / 422: the request itself is wrong
         ├── RateLimitError         429 (retryable; ``retry_after`` in seconds if the server said)
-        ├── ServerError            5xx, 529 overloaded (retryable)
+        ├── ServerError            5xx, 529 overloaded (retryable; ``retry_after`` too)
         ├── ProviderTimeout        connect, read or total timeout (retryable)
         ├── ConnectionLostError    the connection broke, also mid-stream (retryable)
         ├── MalformedResponseError the response could not be understood
@@ -69,14 +69,19 @@ class ProviderError(MootError):
     Attributes:
         retryable: Whether the same request may succeed if tried again.
         status_code: The HTTP status, when there was one.
+        retry_after: Seconds the server asked to wait before trying again (its
+            ``Retry-After``, on a 429, a 503, a 529, ...), when it said.
     """
 
     kind = "provider_error"
     retryable = False
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, status_code: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after
 
 
 class AuthenticationError(ProviderError):
@@ -102,8 +107,7 @@ class RateLimitError(ProviderError):
     def __init__(
         self, message: str, *, status_code: int | None = 429, retry_after: float | None = None
     ) -> None:
-        super().__init__(message, status_code=status_code)
-        self.retry_after = retry_after
+        super().__init__(message, status_code=status_code, retry_after=retry_after)
 
 
 class ServerError(ProviderError):

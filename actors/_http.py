@@ -17,8 +17,8 @@ so the rules live in one place:
 
 * a failed attempt is tried again while :class:`RetryPolicy` allows it: only retryable
   errors, at most ``max_attempts`` attempts, never sleeping past the deadline, and
-  honouring a 429's ``Retry-After``. A stream is retried only until its body starts:
-  deltas already handed to the caller cannot be taken back;
+  honouring a server's ``Retry-After`` (429, 503, 529, ...). A stream is retried only
+  until its body starts: deltas already handed to the caller cannot be taken back;
 * secrets (the values of credential headers) are scrubbed from every message this
   module builds or logs, and never appear in a ``repr``.
 """
@@ -97,9 +97,10 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     The wait before attempt ``n + 1`` is ``initial_delay * multiplier ** (n - 1)``, capped
     at ``max_delay``, then spread by ``±jitter`` of itself so that many clients do not
-    retry in step. A 429's ``Retry-After`` replaces the computed wait; one longer than
-    ``max_delay``, or one that would end past the call's deadline, ends the call at once
-    with the :class:`RateLimitError` (which carries ``retry_after`` for the caller).
+    retry in step. A server's ``Retry-After`` (on a 429, or a 503 / 529 / any retryable
+    status) replaces the computed wait; one longer than ``max_delay``, or one that would
+    end past the call's deadline, ends the call at once with the error (which carries
+    ``retry_after`` for the caller).
 
     Attributes:
         max_attempts: Attempts in total, the first one included (1 = never retry).
@@ -157,7 +158,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         """
         if not error.retryable or attempt >= self.max_attempts:
             return None
-        retry_after = error.retry_after if isinstance(error, RateLimitError) else None
+        retry_after = error.retry_after
         if retry_after is not None:
             if retry_after > self.max_delay:
                 return None
@@ -325,7 +326,7 @@ def error_for_status(
         status: The HTTP status code.
         detail: What the server said (already scrubbed of secrets).
         provider: The provider's name, for the message.
-        retry_after: For a 429, the wait the server asked for.
+        retry_after: The wait the server asked for (kept on a retryable error).
 
     Returns:
         The error to raise; its ``status_code`` is ``status``.
@@ -334,13 +335,14 @@ def error_for_status(
     if status == 429:
         return RateLimitError(message, status_code=status, retry_after=retry_after)
     if status >= 500:
-        return ServerError(message, status_code=status)
+        return ServerError(message, status_code=status, retry_after=retry_after)
+    if status == 408:
+        return ProviderTimeout(message, status_code=status, retry_after=retry_after)
     error_type: type[ProviderError] = {
         400: BadRequestError,
         401: AuthenticationError,
         403: PermissionDeniedError,
         404: NotFoundError,
-        408: ProviderTimeout,
         413: BadRequestError,
         422: BadRequestError,
     }.get(status, ProviderError)

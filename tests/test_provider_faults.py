@@ -180,6 +180,34 @@ def test_429_with_retry_after_waits_as_told_then_succeeds(api: Api, server: Scri
     assert waited >= 1.0
 
 
+def test_an_overloaded_server_saying_when_to_come_back_is_waited_out(
+    api: Api, server: ScriptedServer
+) -> None:
+    """Retry-After on a 503 (or Anthropic's 529) counts as on a 429: RFC 9110 allows it."""
+    server.script(
+        Reply.json(
+            error_json("overloaded", "overloaded_error"), status=529, headers={"Retry-After": "1"}
+        ),
+        Reply.json(error_json("busy"), status=503, headers={"retry-after-ms": "600"}),
+        Reply(chunks=api.hello),
+    )
+    provider = api.make(server.url, retry=RetryPolicy(initial_delay=0.01, jitter=0))
+    assert call_model(provider, HELLO).text == "Hello"
+    assert len(server.requests) == 3
+    assert server.requests[1].received_at - server.replied_at[0] >= 1.0
+    assert server.requests[2].received_at - server.replied_at[1] >= 0.6
+
+
+def test_a_503_whose_wait_would_pass_the_deadline_gives_up_at_once(
+    api: Api, server: ScriptedServer
+) -> None:
+    server.script(Reply.json(error_json("busy"), status=503, headers={"Retry-After": "30"}))
+    with pytest.raises(ServerError) as caught:
+        call_model(api.make(server.url), HELLO, deadline=time.monotonic() + 5)
+    assert caught.value.retry_after == 30 and caught.value.status_code == 503
+    assert len(server.requests) == 1
+
+
 def test_429_whose_wait_would_pass_the_deadline_gives_up_at_once(
     api: Api, server: ScriptedServer
 ) -> None:
@@ -491,6 +519,8 @@ def test_when_a_retry_is_allowed() -> None:
         policy.wait_before_retry(RateLimitError("x", retry_after=31), 1, deadline=None, now=now)
         is None
     )
+    busy_told = ServerError("busy", status_code=503, retry_after=2.0)
+    assert policy.wait_before_retry(busy_told, 1, deadline=None, now=now) == 2.0
 
 
 def test_retry_policy_rejects_nonsense() -> None:
