@@ -504,9 +504,10 @@ class Coordinator(pykka.ThreadingActor):
         if not outcomes:
             return
         replies_so_far = len(self.state.current.replies)
+        index = {name: i for i, name in enumerate(self.state.participants)}
         events: list[Event] = []
         for outcome in outcomes:
-            event = self._record(run, outcome, replies_so_far)
+            event = self._record(run, outcome, replies_so_far, index)
             replies_so_far += isinstance(event, DialogueMessage)
             events.append(event)
         first = self._stage(events)
@@ -514,19 +515,21 @@ class Coordinator(pykka.ThreadingActor):
             self._next_in_chain(run)
         self._settle(run, [(first + i, e) for i, e in enumerate(events)])
 
-    def _record(self, run: _Run, outcome: Outcome, completion_index: int) -> Event:
+    def _record(
+        self, run: _Run, outcome: Outcome, completion_index: int, index: dict[str, int]
+    ) -> Event:
+        """The event for one outcome; ``index`` is each participant's insertion index."""
         if outcome.reply is None:
             assert outcome.error is not None
             return ParticipantFailed(turn=run.turn, participant=outcome.name, error=outcome.error)
         reply = outcome.reply
-        names = list(self.state.participants)
         info = self.state.participants.get(outcome.name)
         return DialogueMessage(
             turn=run.turn,
             speaker=Speaker(kind="agent", name=outcome.name, role=info.role if info else None),
             content=reply.content,
             origin="agent",
-            participant_index=names.index(outcome.name) if outcome.name in names else None,
+            participant_index=index.get(outcome.name),
             completion_index=completion_index,
             attachments=reply.attachments,
             usage=reply.usage,
@@ -556,8 +559,8 @@ class Coordinator(pykka.ThreadingActor):
         self._commit()
         for ref, payload in tell:
             ref.tell(payload)
-        for seq, event in recorded:
-            run.channel.reply(_reply(run.turn, seq, event))
+        if recorded:
+            run.channel.replies([_reply(run.turn, seq, event) for seq, event in recorded])
         if over:
             self._run = None
             run.channel.done()

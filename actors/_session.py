@@ -81,15 +81,19 @@ class Channel:
     def reply(self, reply: TurnReply) -> None:
         self._put(reply)
 
+    def replies(self, replies: list[TurnReply]) -> None:
+        """Several replies at once: the reader is woken once for all of them."""
+        self._put(*replies)
+
     def done(self, *, reacted: bool = True) -> None:
         self._put(_Done(reacted))
 
     def failed(self, message: str) -> None:
         self._put(_Failed(message))
 
-    def _put(self, item: Item) -> None:
+    def _put(self, *items: Item) -> None:
         with self._cond:
-            self._items.append(item)
+            self._items.extend(items)
             waiters, self._waiters = self._waiters, []
             self._cond.notify_all()
         for loop, future in waiters:
