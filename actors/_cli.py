@@ -22,7 +22,7 @@ from ._errors import DialogueError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from moot.store import EventLog
+    from moot.store import Anchor, EventLog
 
 __all__ = ["cli", "main"]
 
@@ -148,16 +148,59 @@ def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) ->
 
 @cli.command()
 @click.argument("stream", required=False)
+@click.option(
+    "--anchor",
+    "anchor_path",
+    metavar="FILE",
+    help="Also check that nothing an earlier --save-anchor recorded was removed or rewritten.",
+)
+@click.option(
+    "--save-anchor",
+    metavar="FILE",
+    help="When all is well, record what was verified in FILE (keep it outside the database).",
+)
 @click.pass_context
-def verify(ctx: click.Context, stream: str | None) -> None:
+def verify(
+    ctx: click.Context, stream: str | None, anchor_path: str | None, save_anchor: str | None
+) -> None:
     """Check the hash chains (of STREAM, or of every stream)."""
+    anchor = _read_anchor(anchor_path) if anchor_path else None
     log = open_log(ctx)
-    report = log.verify(stream)
+    report = log.verify(stream, anchor=anchor)
     if stream is not None and report.ok and report.checked == 0:
         log.stream_info(stream)  # no events and no head: no such stream (exit 2)
     if not report.ok:
-        raise Problem(f"broken at position {report.first_bad}: {report.reason}")
+        where = "" if report.first_bad is None else f" at position {report.first_bad}"
+        raise Problem(f"broken{where}: {report.reason}")
+    if save_anchor:
+        assert report.anchor is not None
+        _write_anchor(save_anchor, report.anchor)
     click.echo(f"ok {report.checked} events")
+
+
+def _read_anchor(path: str) -> Anchor:
+    from moot.store import Anchor
+
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=Anchor)
+    except OSError as exc:
+        raise click.UsageError(f"{path}: cannot read the anchor ({exc.strerror})") from None
+    except msgspec.DecodeError as exc:
+        raise click.UsageError(f"{path}: not a moot anchor ({exc})") from None
+
+
+def _write_anchor(path: str, anchor: Anchor) -> None:
+    """Write the anchor whole or not at all (a crash leaves the old file as it was)."""
+    partial = f"{path}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(anchor), indent=2) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        raise click.UsageError(f"{path}: cannot write the anchor ({exc.strerror})") from None
 
 
 @cli.command()

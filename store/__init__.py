@@ -16,12 +16,13 @@ from ._errors import (
     UnknownStreamError,
 )
 from ._memory import MemoryEventLog
-from ._records import Record, StoredEvent, StreamInfo, VerifyReport
+from ._records import Anchor, Record, StoredEvent, StreamInfo, VerifyReport
 from ._schema import SCHEMA_VERSION
 from ._sqlite import EventLog
 
 __all__ = [
     "GENESIS",
+    "Anchor",
     "SCHEMA_VERSION",
     "ConcurrencyError",
     "DatabaseError",

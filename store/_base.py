@@ -47,7 +47,7 @@ from ._errors import (
     StoreError,
     UnknownStreamError,
 )
-from ._records import Record, StoredEvent, StreamInfo, VerifyReport, to_record
+from ._records import Anchor, Record, StoredEvent, StreamInfo, VerifyReport, to_record
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -169,6 +169,29 @@ def _started_as(first: object) -> tuple[str, str | None] | None:
 def _interrupted() -> StoreError:
     """What a caller hears when the leader committing its request was interrupted."""
     return StoreError("interrupted while committing; the events may not be written")
+
+
+def _against(
+    anchor: Anchor,
+    stream: str | None,
+    expect: dict[str, tuple[int, str, int, Status, str]],
+    at_anchor: dict[str, tuple[str, int]],
+    checked: int,
+) -> VerifyReport | None:
+    """What a verified log lacks of an earlier anchor (None: it holds all of it)."""
+    for s, (seq, digest) in anchor.heads.items():
+        if stream is not None and s != stream:
+            continue
+        now = expect.get(s)
+        if now is None or now[0] < seq:
+            ends = "has no such stream" if now is None else f"ends at seq {now[0]}"
+            reason = f"stream {s!r}: the anchor has seq {seq} but the log {ends} (events removed)"
+            return VerifyReport(False, checked, None, reason, s)
+        found, position = at_anchor[s]
+        if found != digest:
+            reason = f"stream {s!r}: the event at seq {seq} is not the one anchored (rewritten)"
+            return VerifyReport(False, checked, position, reason, s)
+    return None
 
 
 class StaleHeads(Exception):
@@ -574,7 +597,7 @@ class LogBase:
 
     # ------------------------------------------------------------------- verify
 
-    def verify(self, stream: str | None = None) -> VerifyReport:
+    def verify(self, stream: str | None = None, *, anchor: Anchor | None = None) -> VerifyReport:
         """Recompute every hash and check seqs and heads (of one stream, or all).
 
         Finds the first changed, inserted, reordered or removed event, walking the log
@@ -582,20 +605,28 @@ class LogBase:
         given out without gaps, so over the whole log a missing position is a removed
         event too (a whole stream deleted with its head, say).
 
+        With ``anchor`` (from an earlier report), it also checks that every anchored
+        stream (of those verified) still holds its anchored event, unchanged: this
+        finds what the chain alone cannot, the newest streams deleted whole, or a chain
+        rewritten from its start.
+
         The events and the heads are read from one snapshot of the log, so appends
         made meanwhile (by this process or another) are neither seen nor mistaken for
-        tampering.
+        tampering. A successful report carries the anchor of what it verified.
         """
         self._check_open()
         with self._snapshot():
-            return self._verify(stream)
+            return self._verify(stream, anchor)
 
     def _snapshot(self) -> typing.ContextManager[object]:
         """Hold one consistent view of the log for the reads made inside (backend hook)."""
         return contextlib.nullcontext()
 
-    def _verify(self, stream: str | None) -> VerifyReport:
+    def _verify(self, stream: str | None, anchor: Anchor | None) -> VerifyReport:
         key = self._key
+        anchored = anchor.heads if anchor is not None else {}
+        # stream -> (hash, position) of its event at the anchored seq
+        at_anchor: dict[str, tuple[str, int]] = {}
         # stream -> (last seq, last hash, its position, status so far, its recorded_at)
         expect: dict[str, tuple[int, str, int, Status, str]] = {}
         # stream -> (kind, parent, created_at): what its first event says
@@ -653,8 +684,32 @@ class LogBase:
             if problem is not None:
                 return VerifyReport(False, checked, position, f"stream {s!r}: {problem}", s)
             expect[s] = (seq, digest, position, status, recorded_at)
+            if anchored:
+                mark = anchored.get(s)
+                if mark is not None and mark[0] == seq:
+                    at_anchor[s] = (digest, position)
             checked += 1
-        return self._verify_heads(stream, expect, started, checked)
+        return self._conclude(stream, anchor, expect, started, at_anchor, checked)
+
+    def _conclude(
+        self,
+        stream: str | None,
+        anchor: Anchor | None,
+        expect: dict[str, tuple[int, str, int, Status, str]],
+        started: dict[str, tuple[str, str | None, str]],
+        at_anchor: dict[str, tuple[str, int]],
+        checked: int,
+    ) -> VerifyReport:
+        """After the walk: the heads, then the anchor; the new anchor if all is well."""
+        report = self._verify_heads(stream, expect, started, checked)
+        if report.ok and anchor is not None:
+            report = _against(anchor, stream, expect, at_anchor, checked) or report
+        if not report.ok:
+            return report
+        last = max((e[2] for e in expect.values()), default=0)
+        heads = {s: (e[0], e[1]) for s, e in expect.items()}
+        now = Anchor(position=last, heads=heads, stream=stream, taken_at=utc_now())
+        return VerifyReport(True, checked, anchor=now)
 
     def _verify_heads(
         self,

@@ -6,7 +6,7 @@ import msgspec
 
 from moot.events import Event, Status, decode_event
 
-__all__ = ["Record", "StoredEvent", "StreamInfo", "VerifyReport", "to_record"]
+__all__ = ["Anchor", "Record", "StoredEvent", "StreamInfo", "VerifyReport", "to_record"]
 
 
 class StoredEvent(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -62,11 +62,34 @@ class StreamInfo(msgspec.Struct, frozen=True):
     last_position: int
 
 
+class Anchor(msgspec.Struct, frozen=True, kw_only=True):
+    """What a log held when it was verified: each stream's last seq and hash, and the
+    last position. Kept outside the database, it lets a later :meth:`EventLog.verify`
+    tell that nothing it covers was removed or rewritten since, which the chain alone
+    cannot: whole newest streams can be deleted without a trace, and without an audit
+    key a forger can recompute every hash.
+
+    Attributes:
+        position: The highest position among the heads (the log's last position, for
+            an anchor of the whole log).
+        heads: stream -> (last seq, hash of that event).
+        stream: The one stream the anchor covers, or None for the whole log.
+        taken_at: When it was taken (ISO-8601 UTC), for people.
+    """
+
+    position: int
+    heads: dict[str, tuple[int, str]]
+    stream: str | None = None
+    taken_at: str = ""
+
+
 class VerifyReport(msgspec.Struct, frozen=True):
     """The outcome of :meth:`EventLog.verify`.
 
     ``ok`` is true when every hash, seq and head checks out; otherwise ``first_bad`` is
-    the position of the first event found wrong (or missing), and ``reason`` says why.
+    the position of the first event found wrong (or missing; None when the events of an
+    anchored stream are gone and their positions are not known), and ``reason`` says
+    why. A successful report carries the :class:`Anchor` of what it verified.
     """
 
     ok: bool
@@ -74,3 +97,4 @@ class VerifyReport(msgspec.Struct, frozen=True):
     first_bad: int | None = None
     reason: str | None = None
     stream: str | None = None
+    anchor: Anchor | None = None

@@ -25,7 +25,7 @@ import msgspec
 
 from ._base import LogBase, StaleHeads
 from ._errors import DatabaseError, StoreError
-from ._records import StoredEvent, StreamInfo, VerifyReport
+from ._records import Anchor, StoredEvent, StreamInfo, VerifyReport
 from ._schema import connect, prepare
 
 if TYPE_CHECKING:
@@ -363,12 +363,12 @@ class EventLog(LogBase):
             expected += 1
         return min(expected, upto)
 
-    def verify(self, stream: str | None = None) -> VerifyReport:
+    def verify(self, stream: str | None = None, *, anchor: Anchor | None = None) -> VerifyReport:
         if self.sealed and self._key is None:
             raise DatabaseError(
                 f"{self.path}: this log is sealed with an audit key; verifying needs the key"
             )
-        return super().verify(stream)
+        return super().verify(stream, anchor=anchor)
 
     @contextmanager
     def _snapshot(self) -> Iterator[None]:

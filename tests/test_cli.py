@@ -168,6 +168,44 @@ def test_verify_of_one_stream_tells_a_missing_stream_from_a_missing_head(db_path
     assert_one_line_error(moot(db_path, "verify", "e"), 1, "has events but no head")
 
 
+def test_verify_saves_and_checks_an_anchor(db_path: Path, tmp_path: Path) -> None:
+    t.fresh(db_path)
+    kept = tmp_path / "anchor.json"
+    result = moot(db_path, "verify", "--save-anchor", str(kept))
+    assert (result.returncode, result.stdout) == (0, "ok 12 events\n")
+    saved = msgspec.json.decode(kept.read_bytes())
+    assert saved["position"] == 12 and set(saved["heads"]) == {"d", "e"}
+    before = file_hash(db_path)
+    again = moot(db_path, "verify", "--anchor", str(kept), "--save-anchor", str(kept))
+    assert (again.returncode, again.stdout) == (0, "ok 12 events\n")  # rotated in place
+    assert file_hash(db_path) == before  # still read-only
+    rotated = kept.read_bytes()
+    t.tamper(
+        db_path, "DELETE FROM events WHERE stream = 'e'", "DELETE FROM streams WHERE stream = 'e'"
+    )
+    assert moot(db_path, "verify").returncode == 0  # the chain alone cannot tell
+    assert_one_line_error(
+        moot(db_path, "verify", "--anchor", str(kept)),
+        1,
+        "broken: stream 'e': the anchor has seq 2 but the log has no such stream",
+    )
+    assert kept.read_bytes() == rotated  # a failed check saves nothing
+    (tmp_path / "junk.json").write_text("{}")
+    assert_one_line_error(
+        moot(db_path, "verify", "--anchor", str(tmp_path / "junk.json")), 2, "not a moot anchor"
+    )
+    assert_one_line_error(
+        moot(db_path, "verify", "--anchor", str(tmp_path / "none.json")),
+        2,
+        "cannot read the anchor",
+    )
+    assert_one_line_error(
+        moot(db_path, "verify", "--save-anchor", str(tmp_path / "no" / "dir.json")),
+        2,
+        "cannot write the anchor",
+    )
+
+
 def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
     """Columns of the wrong type or data that is not JSON (an altered file): every
     command answers in one line or with valid output, never with a traceback."""

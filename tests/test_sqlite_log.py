@@ -341,6 +341,93 @@ def test_a_forged_row_with_plain_sha256_is_found_under_an_audit_key(db_path: Pat
         EventLog(db_path, audit_key=b"wrong")
 
 
+def test_an_anchor_finds_what_the_chain_alone_cannot(db_path: Path) -> None:
+    """The newest stream deleted whole (events and head), and a stream's chain rewritten
+    from its first event with recomputed plain SHA-256: the chain checks out both times;
+    an anchor kept outside the database does not."""
+    fresh(db_path)
+    with EventLog(db_path) as log:
+        taken = log.verify().anchor
+        assert taken is not None and taken.position == 12
+        assert taken.heads == {s.stream: (s.last_seq, s.last_hash) for s in log.streams()}
+        log.append("d", [message("later")])  # the log goes on after the anchor
+        assert log.verify(anchor=taken).ok
+        log.append("f", [started(), message("newest")])
+    tamper(
+        db_path, "DELETE FROM events WHERE stream = 'f'", "DELETE FROM streams WHERE stream = 'f'"
+    )
+    assert verify(db_path) == (True, None)  # nothing left to notice
+    with EventLog(db_path, readonly=True) as log:
+        assert log.verify(anchor=taken).ok  # the anchor was taken before 'f' existed
+        later = log.verify().anchor  # taken now, it holds 'd' and 'e' as they are
+    with EventLog(db_path) as log:
+        log.append("f", [started()])
+        newest = log.verify().anchor
+    assert newest is not None and newest.position == 14
+    tamper(
+        db_path, "DELETE FROM events WHERE stream = 'f'", "DELETE FROM streams WHERE stream = 'f'"
+    )
+    with EventLog(db_path, readonly=True) as log:
+        report = log.verify(anchor=newest)
+    assert not report.ok and report.stream == "f"
+    assert report.reason == (
+        "stream 'f': the anchor has seq 1 but the log has no such stream (events removed)"
+    )
+    # Rewrite 'e' from its first event: new contents, every hash recomputed.
+    conn = sqlite3.connect(db_path)
+    rows = conn.execute(
+        "SELECT position, seq, type, version, recorded_at, data FROM events "
+        "WHERE stream = 'e' ORDER BY seq"
+    ).fetchall()
+    prev = "0" * 64
+    for position, seq, type_name, version, at, data in rows:
+        changed = data.replace("other", "forged")
+        digest = chain_hash(None, prev, "e", seq, type_name, version, at, changed.encode())
+        conn.execute(
+            "UPDATE events SET data = ?, prev_hash = ?, hash = ? WHERE position = ?",
+            (changed, prev, digest, position),
+        )
+        prev = digest
+    conn.execute("UPDATE streams SET last_hash = ? WHERE stream = 'e'", (prev,))
+    conn.commit()
+    conn.close()
+    assert verify(db_path) == (True, None)
+    with EventLog(db_path, readonly=True) as log:
+        report = log.verify(anchor=later)
+        assert (report.ok, report.first_bad, report.stream) == (False, 12, "e")
+        assert report.reason == "stream 'e': the event at seq 2 is not the one anchored (rewritten)"
+        assert log.verify("d", anchor=later).ok  # a stream's check looks at that stream only
+        assert not log.verify("e", anchor=later).ok
+
+
+def test_an_anchor_finds_a_removed_tail_of_the_whole_log(db_path: Path) -> None:
+    fresh(db_path)
+    with EventLog(db_path) as log:
+        taken = log.verify().anchor
+    assert taken is not None
+    # The last event of 'e' removed and its head put back one step: the chain checks out.
+    conn = sqlite3.connect(db_path)
+    seq, digest, position = conn.execute(
+        "SELECT seq, hash, position FROM events WHERE stream = 'e' AND seq = 1"
+    ).fetchone()
+    conn.execute("DELETE FROM events WHERE position = 12")
+    conn.execute(
+        "UPDATE streams SET last_seq = ?, last_hash = ?, last_position = ?, "
+        "status = 'open', updated_at = created_at WHERE stream = 'e'",
+        (seq, digest, position),
+    )
+    conn.commit()
+    conn.close()
+    assert verify(db_path) == (True, None)
+    with EventLog(db_path, readonly=True) as log:
+        report = log.verify(anchor=taken)
+    assert (report.ok, report.stream) == (False, "e")
+    assert (
+        report.reason
+        == "stream 'e': the anchor has seq 2 but the log ends at seq 1 (events removed)"
+    )
+
+
 # ------------------------------------------------------------------ bad files
 
 

@@ -22,6 +22,7 @@ from moot.events import (
 )
 from moot.store import (
     GENESIS,
+    Anchor,
     ConcurrencyError,
     DatabaseError,
     IntegrityError,
@@ -166,6 +167,35 @@ def test_verify_passes_on_an_honest_log(log: LogBase) -> None:
     first = next(log.read_rows())
     assert first.prev_hash == GENESIS
     assert len(first.hash) == 64
+
+
+def test_a_report_anchors_what_it_verified(log: LogBase) -> None:
+    log.append("d", dialogue_events())
+    whole = log.verify().anchor
+    one = log.verify("d").anchor
+    assert whole is not None and one is not None
+    head = log.stream_info("d")
+    assert whole.heads == one.heads == {"d": (head.last_seq, head.last_hash)}
+    assert (whole.position, whole.stream, one.stream) == (head.last_position, None, "d")
+    assert msgspec.json.decode(msgspec.json.encode(whole), type=Anchor) == whole
+    log.append("l", loop_events())
+    log.append("d", [message(99)])
+    later = log.verify(anchor=whole)  # an honest log only grows past its anchors
+    assert later.ok and later.anchor is not None and set(later.anchor.heads) == {"d", "l"}
+    assert log.verify("d", anchor=one).ok
+    assert log.verify("l", anchor=whole).ok  # nothing of 'l' was anchored
+    stranger = Anchor(position=1, heads={"gone": (3, "0" * 64)})
+    report = log.verify(anchor=stranger)
+    assert (report.ok, report.first_bad, report.stream, report.anchor) == (
+        False,
+        None,
+        "gone",
+        None,
+    )
+    forged = Anchor(position=1, heads={"d": (1, "f" * 64)})
+    report = log.verify(anchor=forged)
+    assert (report.ok, report.first_bad) == (False, 1)
+    assert report.reason == "stream 'd': the event at seq 1 is not the one anchored (rewritten)"
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
