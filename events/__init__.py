@@ -10,6 +10,7 @@ from ._codec import (
     EVENT_TYPES,
     checked,
     decode_event,
+    encode_checked,
     encode_event,
     register_upcaster,
 )
@@ -138,6 +139,7 @@ __all__ = [
     "checked",
     "decode_event",
     "denied_result",
+    "encode_checked",
     "encode_event",
     "evolve",
     "fold",

@@ -23,6 +23,7 @@ __all__ = [
     "EVENT_TYPES",
     "checked",
     "decode_event",
+    "encode_checked",
     "encode_event",
     "register_upcaster",
 ]
@@ -80,6 +81,25 @@ def checked(value: _V) -> _V:
         return msgspec.json.decode(_encoder.encode(value), type=type(value))
     except (TypeError, msgspec.EncodeError, msgspec.DecodeError) as exc:
         raise ValueError(f"invalid {type(value).__name__}: {exc}") from exc
+
+
+def encode_checked(event: EventBase) -> bytes:
+    """The JSON body of ``event``, once it is known to read back as the same type.
+
+    The log's writers use it: an event with a field of the wrong type, written once,
+    would leave its stream (and every read of the whole log) unreadable.
+
+    Raises:
+        ValueError: a field has the wrong type or a value JSON cannot hold, or the
+            event is not one of the log's event types.
+    """
+    try:
+        data = _encoder.encode(event)
+        if type(_decoder.decode(data)) is not type(event):
+            raise ValueError(f"{type(event).__name__} is not an event type of the log")
+    except (TypeError, msgspec.EncodeError, msgspec.DecodeError, UnicodeError) as exc:
+        raise ValueError(f"invalid {type(event).__name__}: {exc}") from None
+    return data
 
 
 def decode_event(type_name: str, version: int, data: str | bytes) -> Event:

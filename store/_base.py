@@ -23,6 +23,8 @@ import typing
 from collections import deque
 from typing import TYPE_CHECKING, Any, Self
 
+import msgspec
+
 from moot.events import (
     STATUS_EVENTS,
     DialogueEvent,
@@ -34,7 +36,7 @@ from moot.events import (
     State,
     Status,
     decode_event,
-    encode_event,
+    encode_checked,
     evolve,
     next_status,
 )
@@ -113,7 +115,7 @@ class _Append:
         self.prepared: list[tuple[str, int, str, Hasher, bool]] = []
         dialogue = starts = 0
         for event in events:
-            data = encode_event(event)
+            data = encode_checked(event)
             name = type(event).__name__
             dialogue += name in _DIALOGUE_TYPES
             starts += name in _FIRST_TYPES
@@ -153,6 +155,35 @@ def _release(callers: list[_Append]) -> None:
             except RuntimeError:  # released before, and not yet taken by its caller
                 pass
     callers.clear()
+
+
+#: The largest seq or position SQLite can hold; a cursor past it reads nothing.
+_MAX_CURSOR = 2**63 - 1
+
+
+def _cursor(name: str, value: object) -> int:
+    """A seq or position given by a caller, as both backends take it.
+
+    Raises:
+        TypeError: it is not an int.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return min(value, _MAX_CURSOR)
+
+
+def _check_stream_id(stream: object) -> None:
+    """Refuse, in the caller's thread, a stream id the database could not store.
+
+    Raises:
+        ValueError: not a non-empty str, or holds NUL or a lone surrogate.
+    """
+    if not isinstance(stream, str) or not stream or "\x00" in stream:
+        raise ValueError(f"invalid stream id {stream!r}")
+    try:
+        stream.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"invalid stream id {stream!r} (not valid Unicode text)") from None
 
 
 def _started_as(first: object) -> tuple[str, str | None] | None:
@@ -222,6 +253,8 @@ class LogBase:
 
     def __init__(self, audit_key: bytes | str | None = None) -> None:
         self._key = audit_key.encode() if isinstance(audit_key, str) else audit_key
+        if self._key is not None and not self._key:
+            raise ValueError("an audit key must not be empty (None: no key)")
         #: Guards the queue and the lead. The condition on it is for whoever waits for
         #: a commit (subscriptions, close); the hot paths take the bare lock, whose
         #: ``with`` costs a tenth of the condition's.
@@ -295,11 +328,15 @@ class LogBase:
             ConcurrencyError: ``expected_seq`` is not the stream's last seq; nothing
                 was written.
             IntegrityError: the events do not fit the stream's kind.
+            ValueError: an invalid stream id, or an event with a field of the wrong
+                type (it could not be read back); nothing was written.
+            TypeError: ``expected_seq`` is not an int.
             DatabaseError: the log is closed or read-only.
             StoreError: the database failed to write.
         """
-        if not isinstance(stream, str) or not stream or "\x00" in stream:
-            raise ValueError(f"invalid stream id {stream!r}")
+        _check_stream_id(stream)
+        if expected_seq is not None:
+            _cursor("expected_seq", expected_seq)
         if self.readonly:
             raise DatabaseError("this event log is open read-only")
         if self._refusal is not None:
@@ -533,6 +570,9 @@ class LogBase:
         and may be consumed while other threads append.
         """
         self._check_open()
+        after_seq = _cursor("after_seq", after_seq)
+        if until_seq is not None:
+            until_seq = _cursor("until_seq", until_seq)
         while True:
             page = self._page_stream(stream, after_seq, until_seq, _PAGE)
             for row in page:
@@ -551,6 +591,7 @@ class LogBase:
     ) -> Iterator[StoredEvent]:
         """Like :meth:`read_all`, but the rows as stored (``data`` is the JSON text)."""
         self._check_open()
+        after_position = _cursor("after_position", after_position)
         while True:
             page = self._page_all(after_position, _PAGE, stream)
             yield from page
@@ -586,8 +627,10 @@ class LogBase:
             EventDecodeError: a stored event cannot be read.
         """
         self._check_open()
-        if until_seq is not None and until_seq < 1:
+        if until_seq is not None and _cursor("until_seq", until_seq) < 1:
             raise ValueError(f"until_seq must be at least 1, not {until_seq}")
+        if until_seq is not None:
+            until_seq = _cursor("until_seq", until_seq)
         state: State | None = None
         for type_name, version, data in self._replay_rows(stream, until_seq):
             state = evolve(state, decode_event(type_name, version, data))
@@ -719,6 +762,11 @@ class LogBase:
         checked: int,
     ) -> VerifyReport:
         for head in self._heads(stream):
+            try:  # a column of the wrong type (an altered file) is tampering, not a crash
+                msgspec.convert(msgspec.to_builtins(head), StreamInfo)
+            except (msgspec.ValidationError, TypeError) as exc:
+                reason = f"stream {head.stream!r}: its head row is damaged ({exc})"
+                return VerifyReport(False, checked, None, reason, str(head.stream))
             last_seq, last_hash, position, status, updated_at = expect.get(
                 head.stream, (0, GENESIS, 0, "open", "")
             )
@@ -766,7 +814,7 @@ class LogBase:
         appended by other processes are found by polling every ``poll_interval`` seconds.
         """
         self._check_open()
-        return Subscription(self, after_position, stream, poll_interval)
+        return Subscription(self, _cursor("after_position", after_position), stream, poll_interval)
 
     # ------------------------------------------------------------------ closing
 

@@ -206,6 +206,17 @@ def test_verify_saves_and_checks_an_anchor(db_path: Path, tmp_path: Path) -> Non
     )
 
 
+def test_a_damaged_head_row_is_tampering_not_a_crash(db_path: Path) -> None:
+    t.fresh(db_path)
+    t.tamper(db_path, "UPDATE streams SET last_seq = 'abc' WHERE stream = 'd'")
+    assert_one_line_error(
+        moot(db_path, "verify"),
+        1,
+        "broken: stream 'd': its head row is damaged (Expected `int`, got `str` - at "
+        "`$.last_seq`)",
+    )
+
+
 def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
     """Columns of the wrong type or data that is not JSON (an altered file): every
     command answers in one line or with valid output, never with a traceback."""

@@ -12,6 +12,7 @@ EXPECTED = {
     "moot.store": [
         "GENESIS",
         "SCHEMA_VERSION",
+        "Anchor",
         "ConcurrencyError",
         "DatabaseError",
         "EventLog",

@@ -64,6 +64,56 @@ def test_every_event_type_round_trips(log: LogBase) -> None:
     assert "." in records[-1].recorded_at
 
 
+def test_an_event_that_would_not_read_back_is_refused(log: LogBase) -> None:
+    """msgspec checks types when it reads: an event of the wrong shape written once would
+    make its stream, and every read of the whole log, fail from then on."""
+    log.append("d", [started()])
+    with pytest.raises(
+        ValueError, match=r"invalid TurnStarted: Expected `int`, got `str` - at `\$.turn`"
+    ):
+        log.append("d", [message(1), TurnStarted(turn="2", speakers=())])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"invalid DialogueMessage: .*unsupported"):
+        log.append("d", [msgspec.structs.replace(message(1), metadata={"x": object()})])
+
+    class Stranger(msgspec.Struct, tag=True):
+        version = 1
+
+    with pytest.raises(ValueError, match="invalid Stranger"):
+        log.append("d", [Stranger()])  # type: ignore[list-item]
+    assert [r.seq for r in log.read_all()] == [1]  # nothing written, all still readable
+    assert log.verify().ok
+
+
+def test_bad_stream_ids_and_cursors_are_refused_alike(log: LogBase) -> None:
+    for bad in ("", "a\x00b", "lone \ud800 surrogate", 7):
+        with pytest.raises(ValueError, match="invalid stream id"):
+            log.append(bad, [started()])  # type: ignore[arg-type]
+    log.append("d", [started(), message(1)])
+    huge = 2**64
+    assert list(log.read("d", huge)) == list(log.read_all(huge)) == []
+    assert [r.seq for r in log.read("d", until_seq=huge)] == [1, 2]
+    assert log.replay("d", until_seq=huge) == log.replay("d")
+    with log.subscribe(huge) as sub:
+        assert sub.next(timeout=0) is None
+    for call in (
+        lambda: list(log.read("d", 1.5)),  # type: ignore[arg-type]
+        lambda: list(log.read_all("0")),  # type: ignore[arg-type]
+        lambda: log.append("d", [message(3)], expected_seq=True),
+        lambda: log.append("d", [message(3)], expected_seq="2"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(TypeError, match="must be an int"):
+            call()
+    assert log.stream_info("d").last_seq == 2
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_an_empty_audit_key_is_refused_before_anything_is_made(kind: str, tmp_path: Path) -> None:
+    for key in ("", b""):
+        with pytest.raises(ValueError, match="must not be empty"):
+            open_log(kind, tmp_path, audit_key=key)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_stale_expected_seq_raises_and_writes_nothing(log: LogBase) -> None:
     log.append("d", [started()], expected_seq=0)
     with pytest.raises(ConcurrencyError) as info:
