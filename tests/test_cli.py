@@ -212,8 +212,7 @@ def test_a_damaged_head_row_is_tampering_not_a_crash(db_path: Path) -> None:
     assert_one_line_error(
         moot(db_path, "verify"),
         1,
-        "broken: stream 'd': its head row is damaged (Expected `int`, got `str` - at "
-        "`$.last_seq`)",
+        "broken: stream 'd': its head row is damaged (Expected `int`, got `str` - at `$.last_seq`)",
     )
 
 
