@@ -70,6 +70,7 @@ from ._model import (
     ToolCallStart,
     UsageDelta,
     assemble,
+    cut_off,
 )
 
 if TYPE_CHECKING:
@@ -236,16 +237,20 @@ class _InUsage(_In):
     cache_read_input_tokens: int | None = None
 
 
+class _InError(_In):
+    type: str = ""
+    message: str | None = None
+
+
 class _InMessage(_In):
+    #: ``message``; a whole reply may also be an ``error`` (with ``error``), whatever
+    #: its HTTP status.
+    type: str | None = None
     model: str | None = None
     content: list[_InBlock] | None = None
     stop_reason: str | None = None
     usage: _InUsage | None = None
-
-
-class _InError(_In):
-    type: str = ""
-    message: str | None = None
+    error: _InError | None = None
 
 
 class _Event(_In):
@@ -270,7 +275,7 @@ _T = TypeVar("_T")
 def _decode(decoder: msgspec.json.Decoder[_T], data: str | bytes) -> _T:
     try:
         return decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedResponseError(f"anthropic: a reply event is not valid ({exc})") from exc
 
 
@@ -394,6 +399,8 @@ class _ReplyState:
         self._redact = redact
         self._usage = _InUsage()
         self._calls: dict[int, tuple[str, str, list[str]]] = {}  # index -> id, name, arguments
+        #: Tool calls whose arguments were not a JSON object (names, in order).
+        self._invalid: list[str] = []
 
     def feed(self, event: _Event) -> Iterator[Delta]:
         """The deltas of one event."""
@@ -459,7 +466,10 @@ class _ReplyState:
         """A :class:`ToolCallComplete` when the stopped block is a tool call."""
         if index in self._calls:
             id, name, fragments = self._calls.pop(index)
-            yield ToolCallComplete(index=index, call=tool_call_block(id, name, "".join(fragments)))
+            block = tool_call_block(id, name, "".join(fragments))
+            if block.invalid_arguments is not None:
+                self._invalid.append(name)  # cut off, if the reply stops at max_tokens
+            yield ToolCallComplete(index=index, call=block)
 
     def end(self, delta: _InDelta, usage: _InUsage | None) -> Iterator[Delta]:
         """The stop reason and final usage (``message_delta``)."""
@@ -482,6 +492,8 @@ class _ReplyState:
         """The closing deltas: calls left open (a stream cut short of its stops), then Finished."""
         for index in sorted(self._calls):
             yield from self.stop_block(index)
+        if self._invalid and self.stop_reason == "max_tokens":
+            raise cut_off("anthropic", self._invalid[-1])
         yield Finished(stop_reason=self.stop_reason or "end_turn", model=self.model or model)
 
 
@@ -516,6 +528,10 @@ def reply_deltas(
         MalformedResponseError: the body is not a message.
     """
     message = _decode(_message_decoder, reply)
+    if message.type == "error" or message.error is not None:
+        raise _in_stream_error(message.error or _InError(), redact)
+    if message.type not in (None, "message"):
+        raise MalformedResponseError(f"anthropic: the reply is a {message.type!r}, not a message")
     state = _ReplyState(redact)
     yield from state.feed(_Event(type="message_start", message=message))
     for index, block in enumerate(message.content or ()):

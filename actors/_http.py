@@ -298,7 +298,7 @@ def error_detail(content: bytes | str) -> str:
     """The human part of an error body: its message (and type), else its raw text, shortened."""
     try:
         body = _error_body_decoder.decode(content)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raw = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
         return _shorten(raw.strip())
     if isinstance(body.error, _ErrorDetail):

@@ -276,6 +276,16 @@ def tool_call_block(id: str, name: str, raw: str) -> ToolCallBlock:
         return ToolCallBlock(id=id, name=name, invalid_arguments=raw)
 
 
+def cut_off(provider: str, name: str) -> MalformedResponseError:
+    """The error for a reply cut off at max_tokens in the middle of tool call ``name``:
+    its arguments are incomplete through no mistake of the model's, so it is not
+    answered like a call with invalid arguments."""
+    return MalformedResponseError(
+        f"{provider}: the reply was cut off at max_tokens in the middle of tool call "
+        f"{name!r}; raise max_tokens"
+    )
+
+
 def parse_arguments(name: str, raw: str) -> dict[str, Any]:
     """A tool call's JSON arguments as a dict (empty text means no arguments).
 

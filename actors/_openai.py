@@ -62,6 +62,7 @@ from ._model import (
     ToolCallStart,
     UsageDelta,
     assemble,
+    cut_off,
 )
 
 if TYPE_CHECKING:
@@ -197,6 +198,8 @@ class _InMessage(_In):
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[_InToolCall] | None = None
+    #: The legacy form of a tool call (answering ``functions``, which moot never sends).
+    function_call: _InFunction | None = None
 
 
 class _Choice(_In):
@@ -242,7 +245,7 @@ _chunk_decoder = msgspec.json.Decoder(_Chunk)
 def _decode_chunk(data: str | bytes) -> _Chunk:
     try:
         return _chunk_decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise MalformedResponseError(f"openai: a reply chunk is not valid ({exc})") from exc
 
 
@@ -405,6 +408,11 @@ class _StreamState:
             yield TextDelta(text=message.content)
         if message.refusal:
             yield TextDelta(text=message.refusal)
+        if message.function_call is not None:
+            raise MalformedResponseError(
+                "openai: the reply calls a function the legacy way (function_call); moot "
+                "asks with tools and reads tool_calls"
+            )
         for position, call in enumerate(message.tool_calls or ()):
             # A whole message's calls carry no index: their position is their index.
             yield from self._call(call, position if whole else call.index)
@@ -450,11 +458,7 @@ class _StreamState:
                 raise MalformedResponseError("openai: a tool call without a name")
             block = tool_call_block(call.id, call.name or "", "".join(call.arguments))
             if block.invalid_arguments is not None and self.stop_reason == "max_tokens":
-                # Not the model's mistake: the reply was cut off. Say why.
-                raise MalformedResponseError(
-                    f"openai: the reply was cut off at max_tokens in the middle of tool "
-                    f"call {call.name!r}; raise max_tokens"
-                )
+                raise cut_off("openai", block.name)
             yield ToolCallComplete(index=call.index, call=block)
         self._calls.clear()
         self._order.clear()

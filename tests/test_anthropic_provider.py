@@ -428,6 +428,38 @@ def test_tool_use_input_that_is_not_json_is_kept_for_an_error_result() -> None:
     assert calls == [ToolCallBlock(id="toolu_1", name="f", invalid_arguments='{"a": tru')]
 
 
+def test_a_tool_call_cut_at_max_tokens_says_so_as_openai_does() -> None:
+    body = sse(
+        message_start(),
+        event(
+            "content_block_start",
+            index=0,
+            content_block={"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}},
+        ),
+        block_delta(0, type="input_json_delta", partial_json='{"a": 2, "b'),
+        event("content_block_stop", index=0),
+        event("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 9}),
+        event("message_stop"),
+    )
+    with pytest.raises(MalformedResponseError, match=r"cut off at max_tokens.*'add'"):
+        call_model(mock_provider(streaming([body])), HELLO)
+
+
+def test_a_whole_reply_that_is_an_error_or_not_utf8_raises() -> None:
+    """An error body with status 200 is the error it names, as in a stream."""
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    provider = mock_provider(lambda request: httpx.Response(200, json=error))
+    with pytest.raises(ServerError, match="overloaded_error: Overloaded") as caught:
+        provider.complete(HELLO)
+    assert caught.value.status_code == 529
+    odd = mock_provider(lambda request: httpx.Response(200, json={"type": "completion"}))
+    with pytest.raises(MalformedResponseError, match="'completion', not a message"):
+        odd.complete(HELLO)
+    latin = mock_provider(lambda request: httpx.Response(200, content=b'{"model": "caf\xe9"}'))
+    with pytest.raises(MalformedResponseError, match="can't decode byte 0xe9"):
+        latin.complete(HELLO)
+
+
 # ---------------------------------------------------------------- requests
 
 

@@ -611,6 +611,16 @@ def test_an_image_without_data_or_url_is_a_bad_request() -> None:
     assert calls == []
 
 
+def test_a_legacy_function_call_or_a_body_not_in_utf8_is_malformed() -> None:
+    legacy = {"role": "assistant", "function_call": {"name": "add", "arguments": "{}"}}
+    body = sse(chunk(legacy), chunk({}, finish="function_call"), "[DONE]")
+    with pytest.raises(MalformedResponseError, match="legacy way"):
+        call_model(mock_provider(streaming([body])), HELLO)
+    latin = mock_provider(lambda request: httpx.Response(200, content=b'{"model": "caf\xe9"}'))
+    with pytest.raises(MalformedResponseError, match="can't decode byte 0xe9"):
+        latin.complete(HELLO)
+
+
 def test_a_tool_call_cut_at_max_tokens_says_so() -> None:
     opening = {
         "index": 0,
