@@ -70,7 +70,7 @@ from ._model import (
     call_model,
     request_digest,
 )
-from ._tools import ToolContext, ToolRegistry
+from ._tools import ToolContext, ToolRegistry, storable
 
 if TYPE_CHECKING:
     from moot.store import LogBase
@@ -646,7 +646,7 @@ class _Engine:
         return ToolExecutionEnd(
             call_id=call.id,
             tool_name=call.name,
-            content=content,
+            content=storable(content),
             is_error=outcome.is_error,
             duration_ms=outcome.duration_ms,
             attempts=outcome.attempts,

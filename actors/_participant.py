@@ -62,11 +62,11 @@ class ParticipantActor(pykka.ThreadingActor):
             # event loop): pykka would take one for a crash and stop every actor in the
             # process, other dialogues' included.
             return Outcome(self.name, payload.turn, error=error_record(exc))
-        if isinstance(answer, str):
-            reply = AgentReply(content=answer)
-        elif isinstance(answer, AgentReply):  # its fields are not checked when it is made
+        if isinstance(answer, str | AgentReply):
+            # An AgentReply's fields are not checked when it is made, and a str may hold
+            # text JSON cannot (a lone surrogate): either would fail the turn's append.
             try:
-                reply = checked(answer)
+                reply = _checked(answer)
             except ValueError as exc:
                 error = Error(kind="bad_reply", message=f"agent returned a bad reply: {exc}")
                 return Outcome(self.name, payload.turn, error=error)
@@ -78,3 +78,18 @@ class ParticipantActor(pykka.ThreadingActor):
             latency = round((time.monotonic() - started) * 1000, 3)
             reply = msgspec.structs.replace(reply, latency_ms=latency)
         return Outcome(self.name, payload.turn, reply=reply)
+
+
+def _checked(answer: str | AgentReply) -> AgentReply:
+    """The answer as a reply the log can hold.
+
+    Raises:
+        ValueError: a field has the wrong type, or text JSON cannot encode.
+    """
+    if isinstance(answer, AgentReply):
+        return checked(answer)
+    try:
+        answer.encode()  # all a str can get wrong, and cheaper than a round trip
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"invalid text: {exc}") from None
+    return AgentReply(content=answer)

@@ -61,6 +61,7 @@ __all__ = [
     "ToolRetry",
     "execute",
     "load_tool",
+    "storable",
     "tool",
 ]
 
@@ -69,6 +70,7 @@ logger = logging.getLogger("moot.actors.tools")
 #: What OpenAI and Anthropic accept as a tool name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _REF_PREFIX = "#/$defs/"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- policies and values ------------------------------------------------------------
@@ -707,6 +709,9 @@ def execute(
         message = f"Invalid arguments for tool {call.name!r}: not a JSON object: {shown}"
         return _outcome(message, True, 0, started)
     arguments = call.arguments if arguments_override is None else arguments_override
+    # A copy: a tool that changes what it was given must not change the call on record
+    # (the loop's history, the next request) behind the log's back.
+    arguments = _json_copy(arguments)
     try:
         prepared = item.bind(arguments, context)
     except ToolError as exc:
@@ -718,6 +723,26 @@ def execute(
         return _outcome(_error_message(error), True, attempts, started)
     content, is_error = _content(item.name, value)
     return _outcome(content, is_error, attempts, started)
+
+
+def storable(text: str) -> str:
+    """``text`` with each lone surrogate (which UTF-8 cannot hold) replaced by U+FFFD.
+
+    Tools return what the system gives them: a file name that is not UTF-8 arrives in
+    Python with its bytes escaped as lone surrogates (``os.listdir``), and would make
+    the result impossible to record.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def _json_copy(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of JSON arguments (a msgspec round trip: faster than copy.deepcopy)."""
+    copied: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(arguments))
+    return copied
 
 
 def _outcome(content: str, is_error: bool, attempts: int, started: float) -> ToolOutcome:

@@ -75,11 +75,12 @@ def checked(value: _V) -> _V:
     Whatever comes from a user is passed through here before it is appended.
 
     Raises:
-        ValueError: a field has the wrong type, or holds a value JSON cannot encode.
+        ValueError: a field has the wrong type, or holds a value JSON cannot encode
+            (text with a lone surrogate, say).
     """
     try:
         return msgspec.json.decode(_encoder.encode(value), type=type(value))
-    except (TypeError, msgspec.EncodeError, msgspec.DecodeError) as exc:
+    except (TypeError, msgspec.EncodeError, msgspec.DecodeError, UnicodeError) as exc:
         raise ValueError(f"invalid {type(value).__name__}: {exc}") from exc
 
 

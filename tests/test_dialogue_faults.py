@@ -320,6 +320,26 @@ def test_values_of_the_wrong_type_are_refused_before_they_reach_the_log() -> Non
     d.close()
 
 
+def test_a_reply_utf8_cannot_hold_fails_that_participant_alone() -> None:
+    log = MemoryEventLog()
+    odd = b"file-\xff.txt".decode("utf-8", "surrogateescape")  # what os.listdir may give
+    d = Dialogue.create(
+        log,
+        participants=[
+            Participant("good", CallableAgent(lambda p: "a fine reply")),
+            Participant("bad", CallableAgent(lambda p: odd)),
+        ],
+    )
+    for _ in range(2):  # and the dialogue goes on
+        replies = {r.participant: r for r in d.run("hi", timeout=T)}
+        assert replies["good"].content == "a fine reply"
+        error = replies["bad"].error
+        assert error is not None and error.kind == "bad_reply"
+        assert "surrogates not allowed" in error.message
+    assert log.replay(d.stream) == d.state()
+    d.close()
+
+
 def test_an_event_that_cannot_be_folded_leaves_the_journal_as_the_log() -> None:
     log = MemoryEventLog()
     d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: "a"))])

@@ -786,6 +786,45 @@ def test_decisions_of_the_wrong_type_never_reach_the_log(log: LogBase) -> None:
     assert run.state() == run.replay()
 
 
+def test_a_tool_that_changes_its_arguments_changes_nothing_on_record(log: LogBase) -> None:
+    @tool
+    def tag(items: list[Any], opts: dict[str, Any]) -> str:
+        """Tags things, carelessly editing what it was given."""
+        items.append("MUTATED")
+        opts["inner"].append("MUTATED")
+        return "ok"
+
+    asked = {"items": [1], "opts": {"inner": [1]}}
+    run = Run(log, [calls(("tag", asked)), text("done")], tools=[tag])
+    assert isinstance(run.turn(), Yielded)
+    assert run.state() == run.replay()
+    assert run.result().text == "done"
+    sent = run.provider.requests[-1].messages[1].content[0]
+    assert isinstance(sent, ToolCallBlock) and sent.arguments == asked
+
+
+def test_text_utf8_cannot_hold_becomes_replacement_characters(log: LogBase) -> None:
+    """A file name that is not UTF-8 reaches Python as lone surrogates (os.listdir)."""
+    name = b"caf\xe9.txt".decode("utf-8", "surrogateescape")
+
+    @tool
+    def ls() -> str:
+        """Lists files."""
+        return "report.txt\n" + name
+
+    @tool
+    def cat() -> str:
+        """Fails, naming the file."""
+        raise RuntimeError(f"cannot read {name}")
+
+    run = Run(log, [calls(("ls", {}), ("cat", {})), text("done")], tools=[ls, cat])
+    assert run.result().text == "done"
+    ends = {e.tool_name: e for e in run.events(ToolExecutionEnd)}
+    assert ends["ls"].content == "report.txt\ncaf\ufffd.txt" and not ends["ls"].is_error
+    assert ends["cat"].is_error and ends["cat"].content.endswith("cannot read caf\ufffd.txt")
+    assert run.state() == run.replay()
+
+
 def test_costs_from_a_pricing_table(log: LogBase) -> None:
     from moot.actors._loop import Pricing
 
