@@ -97,6 +97,8 @@ __all__ = [
 
 logger = logging.getLogger("moot.actors.loop")
 
+_R = typing.TypeVar("_R")
+
 LOOP_WARNING = (
     "Warning: you have called {tool} with identical arguments {count} times in a row. "
     "This looks like a loop; try a different approach or tool."
@@ -920,26 +922,48 @@ class _LoopActor(pykka.ThreadingActor):
 
 
 class ToolLoopHandle:
-    """Drives a loop actor from any thread; each wait takes a ``timeout``."""
+    """Drives a loop actor from any thread; each wait takes a ``timeout``.
+
+    A wait that times out leaves the loop running: the next :meth:`next_turn` returns
+    the turn that was under way, it does not start another. A closed handle raises
+    :class:`ToolLoopError`.
+    """
 
     def __init__(self, log: LogBase, stream: str, ref: pykka.ActorRef[Any]) -> None:
         self.log = log
         self.stream = stream
         self._ref = ref
+        #: The turn a timed-out next_turn left under way.
+        self._pending: pykka.Future[Any] | None = None
+        self._turns = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<ToolLoopHandle {self.stream}>"
 
     def next_turn(self, *, timeout: float | None = None) -> LoopTurn:
-        """Run one iteration (or finish a paused one) and say what happened."""
-        try:
-            return cast("LoopTurn", self._ref.ask("next", timeout=timeout))
-        except pykka.Timeout as exc:
-            raise TimeoutError(f"loop {self.stream}: no turn ended within {timeout} s") from exc
+        """Run one iteration (or finish a paused one) and say what happened.
+
+        Raises:
+            TimeoutError: the turn did not end within ``timeout`` seconds (it goes on;
+                the next call waits for it).
+        """
+        with self._turns:
+            future = self._pending
+            if future is None:
+                future = self._call(lambda: self._ref.ask("next", block=False))
+            try:
+                turn = self._call(lambda: future.get(timeout=timeout))
+            except TimeoutError:
+                self._pending = future
+                raise TimeoutError(
+                    f"loop {self.stream}: no turn ended within {timeout} s (it goes on)"
+                ) from None
+            self._pending = None
+            return cast("LoopTurn", turn)
 
     def continue_(self) -> None:
         """Go on normally at the next turn (the default)."""
-        self._ref.tell(_Command("continue"))
+        self._call(lambda: self._ref.tell(_Command("continue")))
 
     def inject(self, messages: Sequence[ChatMessage]) -> None:
         """Add ``messages`` to the history before the next model call.
@@ -951,14 +975,14 @@ class ToolLoopHandle:
             checked_messages = tuple(checked(m) for m in messages)
         except ValueError as exc:
             raise ToolLoopError(str(exc)) from None
-        self._ref.tell(_Command("inject", checked_messages))
+        self._call(lambda: self._ref.tell(_Command("inject", checked_messages)))
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop at the next turn, without another model call; a loop paused for
         approval ends at once, its waiting calls not run (``Done``, ``stop_condition``)."""
         if reason is not None and not isinstance(reason, str):
             raise ToolLoopError(f"a stop reason is a string, not {type(reason).__name__}")
-        self._ref.tell(_Command("stop", reason=reason))
+        self._call(lambda: self._ref.tell(_Command("stop", reason=reason)))
 
     def decide(
         self,
@@ -969,8 +993,26 @@ class ToolLoopHandle:
         arguments: dict[str, Any] | None = None,
         timeout: float | None = 30,
     ) -> None:
-        """Record a person's decision on a call the loop is waiting for."""
-        self._ref.ask(("decide", call_id, decision, reason, arguments), timeout=timeout)
+        """Record a person's decision on a call the loop is waiting for.
+
+        Raises:
+            ToolLoopError: no such call waits, or the decision is malformed.
+            TimeoutError: the loop was busy for ``timeout`` seconds (the decision is
+                still recorded when it gets to it).
+        """
+        message = ("decide", call_id, decision, reason, arguments)
+        self._call(lambda: self._ref.ask(message, timeout=timeout))
+
+    def _call(self, action: Callable[[], _R]) -> _R:
+        """Run a call on the actor, in moot's errors rather than pykka's."""
+        try:
+            return action()
+        except pykka.Timeout:
+            raise TimeoutError(
+                f"loop {self.stream}: no answer in time (the loop is busy with a turn)"
+            ) from None
+        except pykka.ActorDeadError:
+            raise ToolLoopError(f"loop {self.stream}: this handle is closed") from None
 
     def run(
         self,
@@ -1038,11 +1080,27 @@ class ToolLoopHandle:
                 sub.next(timeout=poll if remaining is None else min(poll, remaining))
 
     def state(self, *, timeout: float | None = 30) -> LoopState:
-        return cast("LoopState", self._ref.ask("state", timeout=timeout))
+        """A copy of the live state (equal to ``log.replay(stream)`` between turns)."""
+        return cast("LoopState", self._call(lambda: self._ref.ask("state", timeout=timeout)))
 
-    def close(self) -> None:
-        """Stop the actor (the stream stays as it is: resumable if not finished)."""
-        self._ref.stop(timeout=30)
+    def close(self, *, timeout: float | None = 30) -> None:
+        """Stop the actor (the stream stays as it is: resumable if not finished).
+
+        A turn under way is finished first; closing twice is harmless.
+
+        Raises:
+            TimeoutError: the turn under way did not end within ``timeout`` seconds
+                (the actor still stops when it does).
+        """
+        try:
+            self._ref.stop(timeout=timeout)
+        except pykka.Timeout:
+            raise TimeoutError(
+                f"loop {self.stream}: a turn is still under way after {timeout} s; the "
+                "loop stops when it ends"
+            ) from None
+        except pykka.ActorDeadError:
+            pass
 
     def __enter__(self) -> ToolLoopHandle:
         return self

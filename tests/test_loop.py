@@ -825,6 +825,62 @@ def test_text_utf8_cannot_hold_becomes_replacement_characters(log: LogBase) -> N
     assert run.state() == run.replay()
 
 
+def test_a_turn_that_outlasts_its_wait_is_the_next_one_returned(log: LogBase) -> None:
+    gate = threading.Event()
+
+    @tool
+    def slow() -> str:
+        """Waits for the test."""
+        gate.wait(T)
+        return "ok"
+
+    run = Run(log, [calls(("slow", {})), calls(("slow", {})), text("done")], tools=[slow])
+    with pytest.raises(TimeoutError, match=r"no turn ended within 0\.05 s"):
+        run.handle.next_turn(timeout=0.05)
+    with pytest.raises(TimeoutError, match="busy with a turn"):
+        run.handle.state(timeout=0.05)
+    gate.set()
+    turn = run.handle.next_turn(timeout=T)  # the turn under way, not a new one
+    assert isinstance(turn, Yielded) and turn.iteration == 1
+    assert run.provider.calls == 1
+    assert run.result().text == "done"
+
+
+def test_a_closed_handle_says_so(log: LogBase) -> None:
+    from moot.actors._errors import ToolLoopError
+
+    gate = threading.Event()
+
+    @tool
+    def slow() -> str:
+        """Waits for the test."""
+        gate.wait(T)
+        return "ok"
+
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    with pytest.raises(TimeoutError):
+        run.handle.next_turn(timeout=0.05)
+    with pytest.raises(TimeoutError, match="still under way"):
+        run.handle.close(timeout=0.05)
+    gate.set()
+    run.handle.close(timeout=T)  # the turn ends, then the actor stops
+    run.handle.close()  # twice is harmless
+    finished = run.handle.next_turn(timeout=T)  # the turn that was under way is not lost
+    assert isinstance(finished, Yielded) and finished.iteration == 1
+    for call in (
+        lambda: run.handle.next_turn(timeout=T),
+        lambda: run.handle.run(timeout=T),
+        lambda: run.handle.inject([ChatMessage.text("user", "x")]),
+        run.handle.stop,
+        run.handle.continue_,
+        run.handle.state,
+        lambda: run.handle.decide("x", "approve"),
+    ):
+        with pytest.raises(ToolLoopError, match="this handle is closed"):
+            call()
+    assert [type(e).__name__ for e in run.events()][-1] == "ToolExecutionEnd"  # resumable
+
+
 def test_costs_from_a_pricing_table(log: LogBase) -> None:
     from moot.actors._loop import Pricing
 
