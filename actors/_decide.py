@@ -8,6 +8,7 @@ their outcome as events.
 from __future__ import annotations
 
 import re
+import typing
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from moot.events import DialogueMessage, JoiningStrategy
 
 __all__ = [
+    "MENTION_STRATEGIES",
     "MODES",
     "ORDERS",
     "REACTIONS",
@@ -43,6 +45,7 @@ REACTIONS = (
     "except_context_info",
 )
 MentionStrategy = Literal["exact_word", "name", "partial"]
+MENTION_STRATEGIES: tuple[str, ...] = typing.get_args(MentionStrategy)
 
 
 def validate_order(
@@ -102,7 +105,8 @@ def mentioned(
 
     Strategies: ``exact_word`` (``@Bob`` matches only "Bob"), ``name`` (full names,
     spaces allowed: ``@Ayaka Nakamura``; a name that is the prefix of another matched
-    name is dropped), ``partial`` (``@Aya`` matches the longest name starting with it).
+    name is dropped), ``partial`` (``@Aya`` matches the name it is, else the longest
+    name starting with it).
     Matching is case-sensitive; an empty list means nobody was mentioned.
     """
     found: set[str] = set()
@@ -118,7 +122,9 @@ def mentioned(
                     found.add(token)
             else:
                 candidates = [p for p in participants if p.startswith(token)]
-                if candidates:
+                if token in participants:  # "@al" is al, even beside alice
+                    found.add(token)
+                elif candidates:
                     found.add(max(candidates, key=len))
     return [p for p in participants if p in found]
 

@@ -42,7 +42,7 @@ from moot.events import (
 from ._agents import Agent, AgentMemory
 from ._context import render_context
 from ._coordinator import MODERATOR, Coordinator, StartTurn
-from ._decide import REACTIONS, validate_order
+from ._decide import MENTION_STRATEGIES, REACTIONS, validate_order
 from ._errors import DialogueError
 from ._session import Channel, Session, TurnReply
 
@@ -171,6 +171,7 @@ class Dialogue:
             raise DialogueError("a moderator dialogue needs a moderator agent")
         if reaction is not None and reaction not in REACTIONS:
             raise DialogueError(f"unknown reaction strategy {reaction!r}")
+        _check_mention_strategy(mention_strategy)
         render_context(context)  # an unknown talk style fails here, before anything is recorded
         stream = stream or new_stream_id()
         started = _checked(
@@ -182,6 +183,9 @@ class Dialogue:
                 context=context,
                 reaction=reaction,
                 metadata=metadata,
+                # The default is not written, so a dialogue reads as it did before
+                # the field existed (and re-drives of older logs still match).
+                mention_strategy=None if mention_strategy == "exact_word" else mention_strategy,
             )
         )
         log.append(stream, [started], expected_seq=0)
@@ -201,14 +205,15 @@ class Dialogue:
         agents: Mapping[str, Agent],
         *,
         moderator: Agent | None = None,
-        mention_strategy: Literal["exact_word", "name", "partial"] = "exact_word",
+        mention_strategy: Literal["exact_word", "name", "partial"] | None = None,
         timeout: float = 60.0,
     ) -> Dialogue:
         """Pick up a dialogue from its log, e.g. after a crash.
 
         Each agent is given its memory (what it was delivered, what it answered, how
         many model calls are on record) when it has a ``restore`` method. Call
-        :meth:`finish_turn` to complete a turn the crash interrupted.
+        :meth:`finish_turn` to complete a turn the crash interrupted. Without
+        ``mention_strategy``, the one the dialogue recorded is used.
 
         Raises:
             DialogueError: the stream is not a dialogue, is closed, or a participant
@@ -230,8 +235,10 @@ class Dialogue:
             _restore(agent, memories[name])
         if moderator is not None:
             _restore(moderator, memories[MODERATOR])
+        strategy = mention_strategy or state.mention_strategy or "exact_word"
+        _check_mention_strategy(strategy)
         ref = Coordinator.start(
-            log, stream, state, chosen, moderator=moderator, mention_strategy=mention_strategy
+            log, stream, state, chosen, moderator=moderator, mention_strategy=strategy
         )
         return cls(log, stream, ref, timeout)
 
@@ -362,6 +369,12 @@ class Dialogue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_mention_strategy(strategy: str) -> None:
+    if strategy not in MENTION_STRATEGIES:
+        known = ", ".join(MENTION_STRATEGIES)
+        raise DialogueError(f"unknown mention strategy {strategy!r} (known: {known})")
 
 
 _S = TypeVar("_S", bound=msgspec.Struct)

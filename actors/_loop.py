@@ -180,7 +180,7 @@ class ToolLoopConfig:
         timeout_s: A deadline for the whole loop; it also cuts a running model call or
             tool. None: no limit.
         stop_when: Sees each response (:class:`StopContext`); return True or a reason
-            to stop before the tools run.
+            to stop before the tools run (any false value goes on).
         approval: Decides each tool call (see :func:`approve`, :func:`deny`,
             :func:`modify`, :func:`ask_person`). None approves everything.
         loop_detection: Threshold and action (warn, stop, inject_warning) for the same
@@ -219,7 +219,22 @@ class ToolLoopConfig:
     pricing: Pricing = field(default_factory=Pricing)
     nested: Callable[[NestedLoop], NestedLoop] | None = None
 
+    @classmethod
+    def from_record(cls, info: LoopConfigInfo, **hooks: Any) -> ToolLoopConfig:
+        """The config a loop recorded in its LoopStarted, with ``hooks`` (and any other
+        field given) added: what a resumed loop runs with when it is given no config."""
+        recorded = {
+            "max_iterations": info.max_iterations,
+            "parallel_tool_execution": info.parallel_tool_execution,
+            "timeout_s": info.timeout_s,
+            "max_depth": info.max_depth,
+            "loop_detection": info.loop_detection,
+            "mask_keep_iterations": info.mask_keep_iterations,
+        }
+        return cls(**(recorded | hooks))
+
     def record(self) -> LoopConfigInfo:
+        """The part of the config that goes into LoopStarted."""
         return LoopConfigInfo(
             max_iterations=self.max_iterations,
             parallel_tool_execution=self.parallel_tool_execution,
@@ -703,7 +718,7 @@ class _Engine:
             last_results=self.state.last_results,
         )
         verdict = _hook(self.config.stop_when, context)
-        if verdict is None or verdict is False:
+        if not verdict:  # None, False, 0, "", []: go on (Python's truth, as users expect)
             return None
         return verdict if isinstance(verdict, str) else ""
 
@@ -1198,6 +1213,8 @@ class ToolLoop:
         A model call that was in flight is made again; a tool that was running is run
         again only if it is idempotent, otherwise the model gets an error result saying
         it was interrupted. A scripted provider skips the replies already on record.
+        Without ``config``, the loop runs with the one it recorded (its limits, loop
+        detection and masking; hooks are code, so pass a config to have them).
         """
         state = log.replay(stream)
         if not isinstance(state, LoopState):
@@ -1210,7 +1227,7 @@ class ToolLoop:
             stream,
             provider,
             tools or ToolRegistry(),
-            config or ToolLoopConfig(),
+            config or ToolLoopConfig.from_record(state.config),
             on_delta,
             resumed=True,
             deadline=deadline,

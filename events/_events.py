@@ -117,6 +117,8 @@ class DialogueStarted(EventBase, frozen=True):
     context: DialogueContext | None = None
     reaction: str | None = None
     metadata: dict[str, Any] | None = None
+    #: How ``@name`` is matched when a turn runs in mentioned mode (None: exact_word).
+    mention_strategy: str | None = None
 
 
 class ParticipantJoined(EventBase, frozen=True):

@@ -151,6 +151,7 @@ class DialogueState(msgspec.Struct, kw_only=True):
     context: DialogueContext | None = None
     reaction: str | None = None
     metadata: dict[str, Any] | None = None
+    mention_strategy: str | None = None
     #: Current participants, in the order they were added.
     participants: dict[str, ParticipantInfo] = {}
     #: Participants that joined late and have not had their first payload yet.
@@ -239,6 +240,7 @@ def _start_dialogue(ev: DialogueStarted) -> DialogueState:
         context=ev.context,
         reaction=ev.reaction,
         metadata=ev.metadata,
+        mention_strategy=ev.mention_strategy,
         participants={p.name: p for p in ev.participants},
         delivered={p.name: 0 for p in ev.participants},
     )

@@ -54,6 +54,8 @@ def test_mentions_full_name_and_partial() -> None:
     assert mentioned("@Ayaka and @Bob", names, "name") == ["Ayaka", "Bob"]
     assert mentioned("@Aya please", names, "partial") == ["Ayaka Nakamura"]
     assert mentioned("@B hi", names, "partial") == ["Bob"]
+    assert mentioned("@al hi", ["alice", "al"], "partial") == ["al"]  # the name it is wins
+    assert mentioned("@a hi", ["alice", "al"], "partial") == ["alice"]
     assert mentioned("@あやか なかむら さん", ["あやか なかむら"], "name") == ["あやか なかむら"]
 
 

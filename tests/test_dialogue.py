@@ -421,6 +421,27 @@ def test_mentioned_mode(log: LogBase) -> None:
     d.close()
 
 
+def test_mention_strategies_are_checked_recorded_and_kept_on_resume(log: LogBase) -> None:
+    def people() -> list[Participant]:
+        return [Participant(n, CallableAgent(lambda p, n=n: n)) for n in ("alice", "al", "bob")]
+
+    with pytest.raises(DialogueError, match="unknown mention strategy 'fuzzy'"):
+        Dialogue.create(log, mode="mentioned", participants=people(), mention_strategy="fuzzy")  # type: ignore[arg-type]
+    assert log.streams() == []
+    d = Dialogue.create(log, mode="mentioned", participants=people(), mention_strategy="partial")
+    assert [r.participant for r in d.run("@al hi")] == ["al"]  # the name it is wins
+    assert [r.participant for r in d.run("@ali hi")] == ["alice"]
+    d.stop()
+    assert log.replay(d.stream).mention_strategy == "partial"  # type: ignore[union-attr]
+    agents = {p.name: p.agent for p in people()}
+    again = Dialogue.resume(log, d.stream, agents)
+    assert [r.participant for r in again.run("@ali hi")] == ["alice"]  # still partial
+    again.close()
+    plain = Dialogue.create(log, participants=people())
+    assert log.replay(plain.stream).mention_strategy is None  # the default is not written
+    plain.close()
+
+
 def test_moderator_mode(log: LogBase) -> None:
     moderator = LlmAgent(
         ScriptedProvider(

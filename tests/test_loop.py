@@ -256,8 +256,14 @@ def test_a_stop_condition_beats_completion(log: LogBase) -> None:
     run = Run(log, [text("plain")], stop_when=lambda ctx: "manual stop")
     result = run.result()
     termination = result.termination
-    termination = result.termination
     assert (termination.reason, termination.detail) == ("stop_condition", "manual stop")
+
+
+@pytest.mark.parametrize("verdict", [None, False, 0, "", [], {}])
+def test_a_stop_condition_answering_false_goes_on(log: LogBase, verdict: object) -> None:
+    run = Run(log, [calls(ADD), text("done")], stop_when=lambda ctx: verdict)
+    result = run.result()
+    assert (result.termination.reason, result.iterations) == ("complete", 2)
 
 
 # -------------------------------------------------------------- loop detection
@@ -879,6 +885,20 @@ def test_a_closed_handle_says_so(log: LogBase) -> None:
         with pytest.raises(ToolLoopError, match="this handle is closed"):
             call()
     assert [type(e).__name__ for e in run.events()][-1] == "ToolExecutionEnd"  # resumable
+
+
+def test_a_loop_resumed_without_a_config_keeps_the_one_it_recorded(log: LogBase) -> None:
+    same = calls(ADD)
+    config = {"max_iterations": 3, "parallel_tool_execution": False, "mask_keep_iterations": 1}
+    run = Run(log, [same, calls(("search", {"query": "a"})), same, text("never")], **config)
+    assert isinstance(run.turn(), Yielded)
+    run.handle.close()
+    provider = ScriptedProvider([same, calls(("search", {"query": "a"})), same, text("never")])
+    handle = ToolLoop.resume(log, run.handle.stream, provider, ToolRegistry([add, search]))
+    result = handle.run(timeout=T)
+    handle.close()
+    assert (result.termination.reason, result.iterations) == ("max_iterations", 3)
+    assert ToolLoopConfig.from_record(run.replay().config).record() == run.replay().config
 
 
 def test_costs_from_a_pricing_table(log: LogBase) -> None:
