@@ -10,17 +10,18 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
-from typing import TYPE_CHECKING
+import threading
+from collections.abc import Callable
 
 import sqlite_utils
 
 from ._chain import key_check
 from ._errors import DatabaseError
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
+__all__ = ["SCHEMA_VERSION", "Release", "connect", "open_held", "prepare"]
 
-__all__ = ["SCHEMA_VERSION", "connect", "prepare"]
+#: Lets go of a file :func:`open_held` counted as held.
+Release = Callable[[], None]
 
 SCHEMA_VERSION = 1
 
@@ -138,10 +139,56 @@ def _newer(path: str, version: int) -> str:
     )
 
 
+#: The database files this process holds open through SQLite: (device, inode) -> count.
+_HELD: dict[tuple[int, int], int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def open_held(path: str, *, readonly: bool, timeout: float) -> tuple[sqlite3.Connection, Release]:
+    """Check the file (see :func:`_precheck`) and open a connection to it; returns the
+    connection and the function to call once it is closed.
+
+    The check reads the file with ``open()``, and closing that descriptor would drop
+    every POSIX lock the process holds on the file, its SQLite connections' included:
+    another process could then delete the WAL under them. So the file is checked only
+    while this process holds no connection to it, and counted as held from the moment
+    one is opened until the returned function is called (after the connection closed).
+    """
+    with _HELD_LOCK:
+        if path != ":memory:" and _file_id(path) not in _HELD:
+            _precheck(path)
+        conn = connect(path, readonly=readonly, timeout=timeout)
+        key = _file_id(path) if path != ":memory:" else None  # a new file exists now
+        if key is not None:
+            _HELD[key] = _HELD.get(key, 0) + 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        with _HELD_LOCK:
+            if released or key is None:
+                return
+            released = True
+            _HELD[key] -= 1
+            if not _HELD[key]:
+                del _HELD[key]
+
+    return conn, release
+
+
 def connect(path: str, *, readonly: bool, timeout: float) -> sqlite3.Connection:
-    """Open a connection without writing anything (autocommit, usable from any thread)."""
-    if path != ":memory:":
-        _precheck(path)
+    """Open a connection without writing anything (autocommit, usable from any thread).
+
+    Use :func:`open_held`, which checks the file first, safely.
+    """
     try:
         if path == ":memory:":
             if readonly:

@@ -26,7 +26,7 @@ import msgspec
 from ._base import LogBase, StaleHeads
 from ._errors import DatabaseError, StoreError
 from ._records import Anchor, StoredEvent, StreamInfo, VerifyReport
-from ._schema import connect, prepare
+from ._schema import open_held, prepare
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -244,7 +244,9 @@ class EventLog(LogBase):
         self.path = os.fspath(path)
         self.readonly = readonly
         self._memory = self.path == ":memory:"
-        conn = connect(self.path, readonly=readonly, timeout=timeout)
+        conn, release = open_held(self.path, readonly=readonly, timeout=timeout)
+        #: Called once the connections are closed (see open_held).
+        self._releases = [release]
         try:
             self.meta = prepare(conn, self.path, readonly=readonly, audit_key=self._key)
             if not readonly:
@@ -252,6 +254,7 @@ class EventLog(LogBase):
                 conn.execute(f"PRAGMA synchronous={synchronous}")
         except BaseException:
             conn.close()
+            release()
             raise
         self.sealed = self.meta.get("hash") == "hmac-sha256"
         if self.sealed and self._key is None:
@@ -264,7 +267,13 @@ class EventLog(LogBase):
             self._rlock = threading.RLock()
             self._write_lock = self._rlock
         else:
-            self._rconn = connect(self.path, readonly=True, timeout=timeout)
+            try:
+                self._rconn, release = open_held(self.path, readonly=True, timeout=timeout)
+            except BaseException:
+                conn.close()
+                self._releases[0]()
+                raise
+            self._releases.append(release)
             self._rlock = threading.RLock()
             self._write_lock = threading.Lock()
         self._known = _Heads()
@@ -393,3 +402,5 @@ class EventLog(LogBase):
             self._rconn.close()
         with self._write_lock:
             self._wconn.close()
+        for release in self._releases:  # only now may the file be opened plainly again
+            release()

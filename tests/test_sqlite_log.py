@@ -249,6 +249,38 @@ def test_sigkill_while_appending_leaves_a_verifiable_prefix(db_path: Path) -> No
         assert len(batches) >= acked + 1
 
 
+def test_opening_a_log_never_drops_the_locks_of_its_own_connections(db_path: Path) -> None:
+    """Opening a second connection used to read the file header with open()/close():
+    the close dropped the process's POSIX locks, so another process closing its own
+    connection took itself for the last one and deleted the WAL under this one."""
+    with EventLog(db_path) as log:
+        log.append("d", [started()])
+    other = run_python(
+        """
+        import sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        print("locked", flush=True)
+        sys.stdin.readline()
+        conn.execute("COMMIT")
+        conn.close()
+        print("closed", flush=True)
+        """,
+        str(db_path),
+    )
+    assert other.stdout is not None and other.stdin is not None
+    assert other.stdout.readline().strip() == "locked"
+    with EventLog(db_path) as log, EventLog(db_path, readonly=True) as reader:
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "closed"
+        assert other.wait(timeout=30) == 0
+        assert Path(str(db_path) + "-wal").exists()  # still ours
+        assert log.append("d", [message("after")]) == 2
+        assert reader.stream_info("d").last_seq == 2
+        assert log.verify().ok
+
+
 # ------------------------------------------------------------------ tampering
 
 
