@@ -108,17 +108,25 @@ class ToolLoopAgent:
         )
 
     def _open(self, stream: str, payload: Payload) -> ToolLoopHandle:
-        if _exists(self.log, stream):
-            return ToolLoop.resume(
-                self.log, stream, self.provider, self.tools, self.config, on_delta=self.on_delta
-            )
-        request = self._prompt.request(payload)
         parent = LoopParent(
             stream=payload.stream,
             seq=payload.delivered_seq or 0,
             turn=payload.turn,
             participant=payload.participant.name,
         )
+        if _exists(self.log, stream):
+            # This participant's loop for this turn, left by a crash; nothing else may
+            # stand in for it (a stream given that id by hand, say).
+            state = self.log.replay(stream)
+            if not isinstance(state, LoopState) or state.parent != parent:
+                raise ToolLoopError(
+                    f"stream {stream!r} exists but is not the loop of "
+                    f"{payload.participant.name!r} for turn {payload.turn} of {payload.stream!r}"
+                )
+            return ToolLoop.resume(
+                self.log, stream, self.provider, self.tools, self.config, on_delta=self.on_delta
+            )
+        request = self._prompt.request(payload)
         return ToolLoop.start(
             self.log,
             self.provider,

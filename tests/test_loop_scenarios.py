@@ -302,3 +302,23 @@ def test_a_resumed_loop_participant_counts_only_its_own_calls() -> None:
     b = Dialogue.resume(log, "B", {"bot": agent(log, boom, second)})
     assert [r.content for r in b.run("again", timeout=30)] == ["second"]  # not boom again
     b.close()
+
+
+def test_a_loop_participant_never_adopts_a_stream_that_is_not_its_loop() -> None:
+    from moot.actors import Dialogue, Participant, ToolLoop, ToolLoopAgent, ToolRegistry
+    from moot.actors._scripted import ScriptedProvider, ScriptedReply
+    from moot.store import MemoryEventLog
+
+    log = MemoryEventLog()
+    squatter = ToolLoop.run(  # a standalone loop that happens to have the id
+        log, ScriptedProvider([ScriptedReply(text="5")]), prompt="hi", stream="D/bot/t1", timeout=30
+    )
+    assert squatter.text == "5"
+    bot = ToolLoopAgent(ScriptedProvider([ScriptedReply(text="mine")]), ToolRegistry(), log)
+    with Dialogue.create(log, participants=[Participant("bot", bot)], stream="D") as d:
+        (reply,) = d.run("hi", timeout=30)
+    assert reply.error is not None
+    assert reply.error.message == (
+        "stream 'D/bot/t1' exists but is not the loop of 'bot' for turn 1 of 'D'"
+    )
+    assert log.stream_info("D/bot/t1").parent is None  # left as it was
