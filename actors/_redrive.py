@@ -441,11 +441,96 @@ def redrive(scenario: Scenario | LoopScenario, log: LogBase, stream: str) -> Red
         scratch.close()
 
 
+#: How long a re-driven reply waits for the replies the log has before it (a reply that
+#: never comes shows as a divergence anyway; waiting longer would only slow the report).
+_ORDER_WAIT = 10.0
+
+
+class _RecordedOrder:
+    """Hands a turn's replies to the coordinator in the order the log recorded them.
+
+    Concurrent replies finish in any order, and the order they are recorded in is part
+    of what later prompts see (a late joiner's history, say): left to chance, a
+    re-drive would diverge where nothing changed. Each reply therefore waits until the
+    replies recorded before it in its turn are in the new run's log (those of the
+    turn's speakers; a failure counts as a reply).
+    """
+
+    def __init__(self, recording: _Recording, scratch: LogBase) -> None:
+        self.scratch = scratch
+        self.stream = recording.stream
+        self.order: dict[int, list[str]] = defaultdict(list)
+        for r in recording.events[recording.stream]:
+            name = _outcome_of(r.event)
+            if name is not None:
+                self.order[r.event.turn].append(name)  # type: ignore[union-attr]
+
+    def wait_for_earlier(self, turn: int, name: str) -> None:
+        recorded = self.order.get(turn, [])
+        if name not in recorded:
+            return
+        earlier = set(recorded[: recorded.index(name)])
+        if not earlier:
+            return
+        deadline = time.monotonic() + _ORDER_WAIT
+        with self.scratch.subscribe(stream=self.stream) as followed:
+            speakers: set[str] = set()
+            done: set[str] = set()
+            while True:
+                record = followed.next(timeout=max(0.0, deadline - time.monotonic()))
+                if record is None:
+                    return  # never came: the comparison will say so
+                event = record.event
+                if isinstance(event, TurnStarted) and event.turn == turn:
+                    speakers = set(event.speakers)
+                elif getattr(event, "turn", None) == turn and _outcome_of(event) is not None:
+                    done.add(_outcome_of(event))  # type: ignore[arg-type]
+                if speakers and not (earlier & speakers) - done:
+                    return
+
+
+def _outcome_of(event: Event) -> str | None:
+    """The participant whose turn outcome ``event`` is (a reply or a failure), if any."""
+    if isinstance(event, DialogueMessage) and event.origin == "agent":
+        return event.speaker.name
+    if isinstance(event, ParticipantFailed) and event.participant != "moderator":
+        return event.participant
+    return None
+
+
+class _InRecordedOrder:
+    """An agent whose answers are handed over in the recorded order (see above)."""
+
+    def __init__(self, agent: Agent, name: str, order: _RecordedOrder) -> None:
+        self.agent = agent
+        self.name = name
+        self.order = order
+
+    def respond(self, payload: Any) -> Any:
+        try:
+            answer = self.agent.respond(payload)
+        except BaseException:
+            self.order.wait_for_earlier(payload.turn, self.name)
+            raise
+        self.order.wait_for_earlier(payload.turn, self.name)
+        return answer
+
+    def __getattr__(self, attribute: str) -> Any:  # restore, loops, ...: the agent's own
+        return getattr(self.agent, attribute)
+
+
 def _run_dialogue(scenario: Scenario, recording: _Recording, scratch: LogBase) -> None:
     results = recording.tool_results()
     nested = recording.nested(results)
+    order = _RecordedOrder(recording, scratch)
 
     def make(spec: AgentSpec) -> Agent:
+        agent = build(spec)
+        if spec is scenario.moderator:
+            return agent
+        return _InRecordedOrder(agent, str(spec.table.get("name", "")), order)
+
+    def build(spec: AgentSpec) -> Agent:
         tools = spec.tools()
         replay_tools = RecordedTools(tools, results) if tools is not None else None
         name = str(spec.table.get("name", ""))

@@ -327,3 +327,41 @@ def test_a_loop_nested_in_a_participants_loop_redrives(tmp_path: Path) -> None:
         assert report.ok, report
         assert report.compared == events_of(log, ["panel", loop, child])
         assert len(fake_live.CALLS) == calls_before
+
+
+JOINER = """
+[dialogue]
+mode = "broadcast"
+id = "order"
+turns = ["First?", "Historian, sum up."]
+
+[[participant]]
+name = "alice"
+agent = "scripted"
+replies = [{{ text = "A1", delay_ms = {alice} }}, "A2"]
+
+[[participant]]
+name = "bob"
+agent = "scripted"
+replies = [{{ text = "B1", delay_ms = {bob} }}, "B2"]
+
+[[participant]]
+name = "historian"
+joins_at = 2
+strategy = {{ kind = "full" }}
+agent = "scripted"
+replies = ["So far: A1, B1."]
+"""
+
+
+def test_replies_reach_the_log_in_the_recorded_order(tmp_path: Path) -> None:
+    """The order concurrent replies were recorded in is part of a later prompt (the
+    joiner's history): a re-drive whose replies finish in another order still matches."""
+    _scenario, db = recorded(tmp_path, JOINER.format(alice=200, bob=0))  # bob, then alice
+    swapped = tmp_path / "swapped.toml"  # now alice would finish first
+    swapped.write_text(JOINER.format(alice=0, bob=200))
+    with EventLog(db, readonly=True) as log:
+        first = [r.event for r in log.read("order") if isinstance(r.event, DialogueMessage)]
+        assert [m.content for m in first if m.turn == 1 and m.origin == "agent"] == ["B1", "A1"]
+        report = redrive(load_scenario(swapped), log, "order")  # type: ignore[arg-type]
+    assert report.ok, report.divergence
