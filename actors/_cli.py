@@ -208,7 +208,7 @@ def _write_anchor(path: str, anchor: Anchor) -> None:
     "-n",
     "--lines",
     "count",
-    type=int,
+    type=click.IntRange(min=0),
     default=10,
     show_default=True,
     help="How many recent events to print first.",
@@ -221,8 +221,7 @@ def tail(ctx: click.Context, count: int, follow: bool, jsonl: bool) -> None:
     from ._render import event_line, jsonl_line
 
     log = open_log(ctx)
-    last = max((h.last_position for h in log.streams()), default=0)
-    start = max(0, last - count)
+    start = max(0, log.last_position() - count)
     fmt = jsonl_line if jsonl else event_line
     position = start
     for row in log.read_rows(start):
@@ -292,7 +291,14 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
     from ._scenario import LoopScenario, load_scenario, run_dialogue, run_loop
 
     scenario = load_scenario(file)  # a bad file fails here, before the log is touched
+    if stream_id is not None:
+        _check_new_id(stream_id)
     log = open_log(ctx, readonly=False)
+    chosen = stream_id or scenario.stream
+    if chosen is not None and chosen in {h.stream for h in log.streams()}:
+        raise click.UsageError(
+            f"stream {chosen!r} already exists (to continue it: moot resume {chosen} FILE)"
+        )
 
     def started(stream: str) -> None:
         click.echo(f"stream {stream}")
@@ -336,8 +342,13 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
 
     scenario = load_scenario(file)
     log = open_log(ctx, readonly=False)
-    log.stream_info(stream)
+    head = log.stream_info(stream)
     click.echo(f"stream {stream}")
+    if head.status in ("completed", "failed", "closed"):
+        click.echo(f"nothing to resume: {stream} is {head.status}")
+        if head.status == "failed":
+            raise Problem(f"{stream} failed before")
+        return
     if isinstance(scenario, LoopScenario):
         outcome = resume_loop(scenario, log, stream, on_turn=_print_loop_turn(stream))
         if isinstance(outcome, Failed):
@@ -348,6 +359,16 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
         except DialogueError as exc:
             raise Problem(str(exc)) from exc
     click.echo(f"completed {stream}")
+
+
+def _check_new_id(stream: str) -> None:
+    """Refuse an id the log could not store, before the log is opened."""
+    from moot.store._base import _check_stream_id
+
+    try:
+        _check_stream_id(stream)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _decide(

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
@@ -102,6 +102,62 @@ _DIALOGUE_KEYS = {
 }
 
 
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+_Positive = Annotated[int, msgspec.Meta(ge=1)]
+#: Seconds or a temperature: finite (TOML allows inf and nan) and not negative.
+_Amount = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+_Text = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _AgentTable(msgspec.Struct, kw_only=True):
+    """The types of an agent's keys (which keys a table may have is checked apart)."""
+
+    agent: _Text | None = None
+    base_url: _Text | None = None
+    model: _Text | None = None
+    api_key_env: _Text | None = None
+    temperature: _Amount | None = None
+    max_tokens: _Positive | None = None
+    stream: bool | None = None
+    instructions: str | None = None
+    tools: list[_Text] | None = None
+    loop: dict[str, Any] | None = None
+    history_turns: _Count | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=1e9)] | None = None
+
+
+class _ParticipantTable(_AgentTable, kw_only=True):
+    name: _Text
+    role: str | None = None
+    description: str | None = None
+    capabilities: list[str] | None = None
+    joins_at: _Positive | None = None
+
+
+class _DialogueTable(msgspec.Struct, kw_only=True):
+    mode: str | None = None
+    order: str | None = None
+    names: list[str] | None = None
+    reaction: str | None = None
+    mention_strategy: str | None = None
+    id: _Text | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class _StandaloneTable(msgspec.Struct, kw_only=True):
+    prompt: _Text
+    system: str | None = None
+    id: _Text | None = None
+
+
+def _typed(where: str, table: dict[str, Any], kind: type[msgspec.Struct]) -> None:
+    """Check the types and ranges of ``table``'s keys; the message names the key."""
+    try:
+        msgspec.convert(table, kind)
+    except msgspec.ValidationError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """How to build one agent (a participant's or the moderator's), from its table."""
@@ -115,6 +171,7 @@ class AgentSpec:
 
     def validate(self) -> None:
         """Check the table without building anything that reaches out (no network)."""
+        _typed(self.where, self.table, _AgentTable)
         kind = self.kind
         if kind == "scripted":
             parse_replies(self.table.get("replies"), self.where)
@@ -149,6 +206,8 @@ class AgentSpec:
         raw = self.table.get("loop", self.table if self.standalone else {})
         if not isinstance(raw, dict):
             raise ConfigurationError(f"{self.where}: loop must be a table")
+        if not self.standalone:
+            _no_unknown(raw, _LOOP_KEYS, f"{self.where}: loop")
         return loop_config(self.where, raw)
 
     @property
@@ -260,10 +319,11 @@ def loop_config(where: str, raw: dict[str, Any]) -> ToolLoopConfig:
     approval = settings.pop("approval", "auto")
     detection = settings.pop("loop_detection", None)
     try:
-        info = None if detection is None else msgspec.convert(detection, LoopDetectionInfo)
+        checked = None if detection is None else msgspec.convert(detection, _Detection)
         config = msgspec.convert(settings, _LoopSettings)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"{where}: invalid loop settings ({exc})") from exc
+    info = None if checked is None else LoopDetectionInfo(checked.threshold, checked.action)
     return ToolLoopConfig(
         max_iterations=config.max_iterations,
         parallel_tool_execution=config.parallel_tool_execution,
@@ -279,14 +339,19 @@ def loop_config(where: str, raw: dict[str, Any]) -> ToolLoopConfig:
 
 
 class _LoopSettings(msgspec.Struct, forbid_unknown_fields=True):
-    max_iterations: int = 10
+    max_iterations: _Positive = 10
     parallel_tool_execution: bool = True
-    timeout_s: float | None = None
-    max_depth: int | None = 3
-    mask_keep_iterations: int | None = None
+    timeout_s: _Amount | None = None
+    max_depth: _Count | None = 3
+    mask_keep_iterations: _Count | None = None
     stream: bool = True
-    temperature: float | None = None
-    max_tokens: int | None = None
+    temperature: _Amount | None = None
+    max_tokens: _Positive | None = None
+
+
+class _Detection(msgspec.Struct, forbid_unknown_fields=True):
+    threshold: Annotated[int, msgspec.Meta(ge=2)] = 3
+    action: Literal["warn", "stop", "inject_warning"] = "warn"
 
 
 def _approval(where: str, raw: Any) -> Callable[[ToolCallBlock], Approval] | None:
@@ -407,6 +472,7 @@ def _importable(path: Path) -> None:
 
 def _dialogue(where: str, d: dict[str, Any], people: Any, moderator: Any) -> Scenario:
     _no_unknown(d, _DIALOGUE_KEYS, f"{where}: [dialogue]")
+    _typed(f"{where}: [dialogue]", d, _DialogueTable)
     mode = str(d.get("mode", "broadcast"))
     if mode not in MODES:
         raise ConfigurationError(f"{where}: unknown mode {mode!r} (expected {', '.join(MODES)})")
@@ -432,6 +498,9 @@ def _dialogue(where: str, d: dict[str, Any], people: Any, moderator: Any) -> Sce
     if moderator is not None:
         if not isinstance(moderator, dict):
             raise ConfigurationError(f"{where}: [moderator] must be a table")
+        if mode != "moderator":
+            raise ConfigurationError(f"{where}: a [moderator] table needs mode 'moderator'")
+        _no_unknown(moderator, _AGENT_KEYS - {"tools", "loop"}, f"{where}: [moderator]")
         mod_spec = AgentSpec(f"{where}: [moderator]", {"name": "moderator", **moderator})
         mod_spec.validate()
     if mode == "moderator" and mod_spec is None:
@@ -470,6 +539,7 @@ def _participant(where: str, index: int, p: Any) -> ParticipantSpec:
         raise ConfigurationError(f"{here}: needs a name")
     here = f"{where}: participant {p['name']!r}"
     _no_unknown(p, _PARTICIPANT_KEYS, here)
+    _typed(here, p, _ParticipantTable)
     spec = AgentSpec(here, p)
     spec.validate()
     joins_at = p.get("joins_at")
@@ -484,12 +554,21 @@ def _strategy(where: str, raw: Any) -> JoiningStrategy:
         return JoiningStrategy.recent()
     if isinstance(raw, str):
         raw = {"kind": raw}
+    if isinstance(raw, dict):
+        _no_unknown(raw, set(JoiningStrategy.__struct_fields__), f"{where}: strategy")
     try:
         strategy = msgspec.convert(raw, JoiningStrategy)
     except msgspec.ValidationError as exc:
         raise ConfigurationError(f"{where}: invalid strategy ({exc})") from exc
     if strategy.kind == "range" and strategy.start is None:
         raise ConfigurationError(f"{where}: a range strategy needs start")
+    try:  # the same rules as the API's
+        if strategy.kind == "recent" and strategy.turns is not None:
+            JoiningStrategy.recent(strategy.turns)
+        if strategy.kind == "range" and strategy.start is not None:
+            JoiningStrategy.range(strategy.start, strategy.end)
+    except ValueError as exc:
+        raise ConfigurationError(f"{where}: invalid strategy ({exc})") from exc
     return strategy
 
 
@@ -498,6 +577,8 @@ def _context(where: str, raw: Any) -> DialogueContext | None:
         return None
     if isinstance(raw, str):
         return DialogueContext(additional=raw)
+    if isinstance(raw, dict):
+        _no_unknown(raw, set(DialogueContext.__struct_fields__), f"{where}: context")
     try:
         context = msgspec.convert(raw, DialogueContext)
     except msgspec.ValidationError as exc:
@@ -659,6 +740,7 @@ def _loop(where: str, table: Any) -> LoopScenario:
     prompt = table.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise ConfigurationError(f"{here} needs a prompt")
+    _typed(here, table, _StandaloneTable)
     spec = AgentSpec(here, {"tools": [], **table})
     spec.validate()
     return LoopScenario(where, prompt, table.get("system"), spec, table.get("id"))

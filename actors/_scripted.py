@@ -49,6 +49,10 @@ class ScriptedCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     id: str | None = None
 
 
+#: The longest a scripted reply may be delayed (a day): a bigger value is a mistake.
+_MAX_DELAY_MS = 86_400_000.0
+
+
 class ScriptedReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """One scripted answer: text, an error, and/or tool calls; optionally late."""
 
@@ -63,8 +67,8 @@ class ScriptedReply(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_
             raise ValueError("a scripted reply is either an error or an answer, not both")
         if self.error is None and self.text is None and not self.tool_calls:
             raise ValueError("a scripted reply needs text, error or tool_calls")
-        if self.delay_ms < 0:
-            raise ValueError("delay_ms must be >= 0")
+        if not 0 <= self.delay_ms <= _MAX_DELAY_MS:  # NaN fails too
+            raise ValueError(f"delay_ms must be between 0 and {_MAX_DELAY_MS:.0f}")
 
 
 def parse_replies(raw: Any, where: str) -> tuple[ScriptedReply, ...]:

@@ -157,7 +157,8 @@ def _release(callers: list[_Append]) -> None:
     callers.clear()
 
 
-#: The largest seq or position SQLite can hold; a cursor past it reads nothing.
+#: The largest seq or position SQLite can hold; a cursor past it reads nothing (one below
+#: its negative reads everything).
 _MAX_CURSOR = 2**63 - 1
 
 
@@ -169,7 +170,7 @@ def _cursor(name: str, value: object) -> int:
     """
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return min(value, _MAX_CURSOR)
+    return max(-_MAX_CURSOR, min(value, _MAX_CURSOR))
 
 
 def _check_stream_id(stream: object) -> None:
@@ -302,6 +303,9 @@ class LogBase:
 
     def _missing_after(self, position: int, upto: int) -> int:
         """The first position in (position, upto] that holds no event (``upto`` if none)."""
+        raise NotImplementedError
+
+    def _last_position(self) -> int:
         raise NotImplementedError
 
     def _close(self) -> None:
@@ -598,6 +602,11 @@ class LogBase:
             if len(page) < _PAGE:
                 return
             after_position = page[-1].position
+
+    def last_position(self) -> int:
+        """The position of the newest event in the log (0 when it is empty)."""
+        self._check_open()
+        return self._last_position()
 
     def streams(self) -> list[StreamInfo]:
         """Every stream's head, most recently updated first."""

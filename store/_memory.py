@@ -108,5 +108,9 @@ class MemoryEventLog(LogBase):
     def _missing_after(self, position: int, upto: int) -> int:
         return position + 1
 
+    def _last_position(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
     def _close(self) -> None:
         pass

@@ -361,6 +361,10 @@ class EventLog(LogBase):
             rows = self._query(f"SELECT {_HEAD_COLUMNS} FROM streams WHERE stream = ?", (stream,))
         return [StreamInfo(*r) for r in rows]
 
+    def _last_position(self) -> int:
+        (last,) = self._query("SELECT max(position) FROM events", ())[0]
+        return int(last or 0)
+
     def _missing_after(self, position: int, upto: int) -> int:
         expected = position + 1
         for (p,) in self._iterate(

@@ -216,6 +216,18 @@ def test_a_damaged_head_row_is_tampering_not_a_crash(db_path: Path) -> None:
     )
 
 
+def test_tail_and_events_take_odd_counts_and_damaged_heads(db_path: Path) -> None:
+    t.fresh(db_path)
+    t.tamper(db_path, "UPDATE streams SET last_position = 'x'")
+    tailed = moot(db_path, "tail", "-n", "2")  # the end of the log comes from its events
+    assert tailed.returncode == 0, tailed.stderr
+    assert [line.split()[0] for line in tailed.stdout.splitlines()] == ["11", "12"]
+    everything = moot(db_path, "events", "--after", str(-(2**70)))
+    assert everything.returncode == 0 and len(everything.stdout.splitlines()) == 12
+    assert moot(db_path, "events", "--after", str(2**70)).stdout == ""
+    assert_one_line_error(moot(db_path, "tail", "-n", "-3"), 2, "not in the range x>=0")
+
+
 def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
     """Columns of the wrong type or data that is not JSON (an altered file): every
     command answers in one line or with valid output, never with a traceback."""

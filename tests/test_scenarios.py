@@ -112,7 +112,15 @@ def test_run_prints_turns_and_the_stream(tmp_path: Path) -> None:
     assert lines[1] == "turn 1  critic: transcript: it records every word."
     assert "turn 2  pragmatist failed: model overloaded" in lines
     again = moot(tmp_path / "m.db", "run", str(ROOT / "examples" / "debate.toml"), "--id", "deb")
-    assert again.returncode == 2 and "expected last seq 0" in again.stderr
+    assert (again.returncode, again.stdout) == (2, "")
+    assert again.stderr == (
+        "moot: stream 'deb' already exists (to continue it: moot resume deb FILE)\n"
+    )
+    finished = moot(tmp_path / "m.db", "resume", "deb", str(ROOT / "examples" / "debate.toml"))
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout == "stream deb\nnothing to resume: deb is closed\n"
+    refused = moot(tmp_path / "m.db", "run", str(ROOT / "examples" / "debate.toml"), "--id", "")
+    assert refused.returncode == 2 and "invalid stream id ''" in refused.stderr
 
 
 @pytest.mark.parametrize("name", ["debate", "review_chain", "late_joiner", "tool_participant"])
@@ -150,6 +158,90 @@ BAD = {
     "unknown key": (
         '[dialogue]\nturns = ["x"]\nmood = "happy"\n[[participant]]\nname = "a"\nreplies = ["x"]\n',
         "unknown key(s): mood",
+    ),
+}
+
+
+def _one(dialogue: str = "", participant: str = "", extra: str = "") -> str:
+    """A scenario with one participant, plus the given lines."""
+    return (
+        f'[dialogue]\nturns = ["x"]\n{dialogue}\n[[participant]]\nname = "a"\n'
+        f'replies = ["x"]\n{participant}\n{extra}'
+    )
+
+
+# Values of the wrong type or out of range: refused when the file is read, the key named.
+BAD |= {
+    "id not a string": (_one("id = 5"), "Expected `str | null`, got `int` - at `$.id`"),
+    "empty id": (_one('id = ""'), "at `$.id`"),
+    "names not strings": (
+        _one('order = "explicit"\nnames = [1]'),
+        "Expected `str`, got `int` - at `$.names[0]`",
+    ),
+    "names a string": (_one('order = "explicit"\nnames = "ab"'), "at `$.names`"),
+    "role a number": (_one(participant="role = 5"), "at `$.role`"),
+    "capabilities a string": (_one(participant='capabilities = "abc"'), "at `$.capabilities`"),
+    "history_turns negative": (
+        _one(participant="history_turns = -1"),
+        ">= 0 - at `$.history_turns`",
+    ),
+    "base_url a number": (
+        _one(participant='agent = "openai"\nmodel = "m"\nbase_url = 5'),
+        "at `$.base_url`",
+    ),
+    "stream a string": (_one(participant='stream = "no"'), "Expected `bool | null`"),
+    "timeout_s a string": (_one(participant='timeout_s = "x"'), "at `$.timeout_s`"),
+    "delay_ms infinite": (
+        _one(participant='replies = [{ text = "x", delay_ms = inf }]').replace(
+            'replies = ["x"]\n', "", 1
+        ),
+        "delay_ms must be between 0 and",
+    ),
+    "max_iterations negative": (
+        _one(participant='tools = ["tests.loop_tools:add"]\nloop = { max_iterations = -5 }'),
+        ">= 1 - at `$.max_iterations`",
+    ),
+    "threshold 0": (
+        _one(
+            participant='tools = ["tests.loop_tools:add"]\n'
+            "loop = { loop_detection = { threshold = 0 } }"
+        ),
+        ">= 2 - at `$.threshold`",
+    ),
+    "typo in a loop table": (
+        _one(participant='tools = ["tests.loop_tools:add"]\nloop = { max_iteration = 1 }'),
+        "loop: unknown key(s): max_iteration",
+    ),
+    "typo in loop_detection": (
+        _one(
+            participant='tools = ["tests.loop_tools:add"]\n'
+            "loop = { loop_detection = { treshold = 9 } }"
+        ),
+        "treshold",
+    ),
+    "typo in context": (
+        _one('context = { enviroment = "x" }'),
+        "context: unknown key(s): enviroment",
+    ),
+    "typo in a strategy": (
+        _one(participant='joins_at = 2\nstrategy = { kind = "recent", turn = 2 }'),
+        "strategy: unknown key(s): turn",
+    ),
+    "range backwards": (
+        _one(participant='joins_at = 2\nstrategy = { kind = "range", start = 5, end = 1 }'),
+        "invalid strategy",
+    ),
+    "moderator without its mode": (
+        _one(extra='[moderator]\nreplies = ["broadcast"]'),
+        "needs mode",
+    ),
+    "typo in moderator": (
+        _one('mode = "moderator"', extra='[moderator]\nreplies = ["broadcast"]\ntemprature = 0.2'),
+        "[moderator]: unknown key(s): temprature",
+    ),
+    "standalone loop timeout negative": (
+        '[loop]\nprompt = "hi"\nreplies = ["x"]\ntimeout_s = -1\n',
+        "at `$.timeout_s`",
     ),
 }
 

@@ -84,6 +84,13 @@ def test_an_event_that_would_not_read_back_is_refused(log: LogBase) -> None:
     assert log.verify().ok
 
 
+def test_the_last_position_is_the_newest_event(log: LogBase) -> None:
+    assert log.last_position() == 0
+    log.append("d", [started(), message(1)])
+    log.append("e", [started()])
+    assert log.last_position() == 3 == max(r.position for r in log.read_all())
+
+
 def test_bad_stream_ids_and_cursors_are_refused_alike(log: LogBase) -> None:
     for bad in ("", "a\x00b", "lone \ud800 surrogate", 7):
         with pytest.raises(ValueError, match="invalid stream id"):
