@@ -161,6 +161,8 @@ class Dialogue:
                 moderator). Nothing is recorded then.
         """
         order = order or ("as_added" if mode == "sequential" else "completion")
+        if isinstance(names, str):  # a str is a sequence too: "ab" would be a and b
+            raise DialogueError(f"names is a list of participant names, not a string: {names!r}")
         roster = [p.name for p in participants]
         validate_order(mode, order, names, roster)
         if len(set(roster)) != len(roster):

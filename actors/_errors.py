@@ -25,6 +25,8 @@ Every error becomes an :class:`moot.events.Error` record in the log with
 
 from __future__ import annotations
 
+import re
+
 from moot.events import Error, MootError
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "ToolError",
     "ToolLoopError",
     "error_record",
+    "storable_text",
 ]
 
 
@@ -136,9 +139,29 @@ class ScriptError(ProviderError):
 
 
 def error_record(exc: BaseException) -> Error:
-    """The log's record of an exception: its kind, message and whether a retry may help."""
+    """The log's record of an exception: its kind, message and whether a retry may help.
+
+    The message is made storable (see :func:`storable_text`): an exception may quote a
+    file name that is not UTF-8.
+    """
     if isinstance(exc, ProviderError):
-        return Error(kind=exc.kind, message=str(exc), retryable=exc.retryable)
+        return Error(kind=exc.kind, message=storable_text(str(exc)), retryable=exc.retryable)
     if isinstance(exc, TimeoutError):
-        return Error(kind="timeout", message=str(exc) or "timed out", retryable=True)
-    return Error(kind=type(exc).__name__, message=str(exc) or type(exc).__name__)
+        return Error(kind="timeout", message=storable_text(str(exc)) or "timed out", retryable=True)
+    return Error(kind=type(exc).__name__, message=storable_text(str(exc)) or type(exc).__name__)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` with each lone surrogate (which UTF-8 cannot hold) replaced by U+FFFD.
+
+    Python hands over bytes that are not UTF-8 (a file name from ``os.listdir``) as lone
+    surrogates; written as they are, they would make the event impossible to record.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text

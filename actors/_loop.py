@@ -60,7 +60,7 @@ from moot.events import (
 )
 from moot.store import StoreError
 
-from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record
+from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record, storable_text
 from ._journal import Journal
 from ._model import (
     Delta,
@@ -70,7 +70,7 @@ from ._model import (
     call_model,
     request_digest,
 )
-from ._tools import ToolContext, ToolRegistry, storable
+from ._tools import ToolContext, ToolRegistry
 
 if TYPE_CHECKING:
     from moot.store import LogBase
@@ -663,7 +663,7 @@ class _Engine:
         return ToolExecutionEnd(
             call_id=call.id,
             tool_name=call.name,
-            content=storable(content),
+            content=storable_text(content),
             is_error=outcome.is_error,
             duration_ms=outcome.duration_ms,
             attempts=outcome.attempts,
@@ -962,19 +962,25 @@ class ToolLoopHandle:
             TimeoutError: the turn did not end within ``timeout`` seconds (it goes on;
                 the next call waits for it).
         """
-        with self._turns:
-            future = self._pending
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Another thread's turn holds the lock: waiting for it counts against our time.
+        if not self._turns.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise TimeoutError(f"loop {self.stream}: another caller's turn did not end in time")
+        try:
+            future, self._pending = self._pending, None
             if future is None:
                 future = self._call(lambda: self._ref.ask("next", block=False))
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                turn = self._call(lambda: future.get(timeout=timeout))
+                turn = self._call(lambda: future.get(timeout=left))
             except TimeoutError:
-                self._pending = future
+                self._pending = future  # handed over by the next call, whatever its end
                 raise TimeoutError(
                     f"loop {self.stream}: no turn ended within {timeout} s (it goes on)"
                 ) from None
-            self._pending = None
             return cast("LoopTurn", turn)
+        finally:
+            self._turns.release()
 
     def continue_(self) -> None:
         """Go on normally at the next turn (the default)."""

@@ -61,7 +61,6 @@ __all__ = [
     "ToolRetry",
     "execute",
     "load_tool",
-    "storable",
     "tool",
 ]
 
@@ -70,7 +69,6 @@ logger = logging.getLogger("moot.actors.tools")
 #: What OpenAI and Anthropic accept as a tool name.
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _REF_PREFIX = "#/$defs/"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- policies and values ------------------------------------------------------------
@@ -723,20 +721,6 @@ def execute(
         return _outcome(_error_message(error), True, attempts, started)
     content, is_error = _content(item.name, value)
     return _outcome(content, is_error, attempts, started)
-
-
-def storable(text: str) -> str:
-    """``text`` with each lone surrogate (which UTF-8 cannot hold) replaced by U+FFFD.
-
-    Tools return what the system gives them: a file name that is not UTF-8 arrives in
-    Python with its bytes escaped as lone surrogates (``os.listdir``), and would make
-    the result impossible to record.
-    """
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text)
-    return text
 
 
 def _json_copy(arguments: Mapping[str, Any]) -> dict[str, Any]:

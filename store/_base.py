@@ -214,6 +214,8 @@ def _against(
     for s, (seq, digest) in anchor.heads.items():
         if stream is not None and s != stream:
             continue
+        if not isinstance(seq, int) or seq < 1:  # an anchor made by hand, or damaged
+            raise ValueError(f"the anchor's seq {seq!r} for stream {s!r} is not a seq")
         now = expect.get(s)
         if now is None or now[0] < seq:
             ends = "has no such stream" if now is None else f"ends at seq {now[0]}"

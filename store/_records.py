@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from moot.events import Event, Status, decode_event
@@ -77,8 +79,8 @@ class Anchor(msgspec.Struct, frozen=True, kw_only=True):
         taken_at: When it was taken (ISO-8601 UTC), for people.
     """
 
-    position: int
-    heads: dict[str, tuple[int, str]]
+    position: Annotated[int, msgspec.Meta(ge=0)]
+    heads: dict[str, tuple[Annotated[int, msgspec.Meta(ge=1)], str]]
     stream: str | None = None
     taken_at: str = ""
 

@@ -425,6 +425,8 @@ def test_mention_strategies_are_checked_recorded_and_kept_on_resume(log: LogBase
     def people() -> list[Participant]:
         return [Participant(n, CallableAgent(lambda p, n=n: n)) for n in ("alice", "al", "bob")]
 
+    with pytest.raises(DialogueError, match="not a string"):
+        Dialogue.create(log, order="explicit", names="al", participants=people())
     with pytest.raises(DialogueError, match="unknown mention strategy 'fuzzy'"):
         Dialogue.create(log, mode="mentioned", participants=people(), mention_strategy="fuzzy")  # type: ignore[arg-type]
     assert log.streams() == []

@@ -340,6 +340,29 @@ def test_a_reply_utf8_cannot_hold_fails_that_participant_alone() -> None:
     d.close()
 
 
+def test_a_failure_quoting_text_utf8_cannot_hold_is_recorded_as_text_it_can() -> None:
+    log = MemoryEventLog()
+    odd = b"file-\xff.txt".decode("utf-8", "surrogateescape")
+
+    def broken(payload: Payload) -> str:
+        raise RuntimeError(f"cannot read {odd}")
+
+    d = Dialogue.create(
+        log,
+        participants=[
+            Participant("good", CallableAgent(lambda p: "a fine reply")),
+            Participant("bad", CallableAgent(broken)),
+        ],
+    )
+    for _ in range(2):
+        replies = {r.participant: r for r in d.run("hi", timeout=T)}
+        assert replies["good"].content == "a fine reply"
+        error = replies["bad"].error
+        assert error is not None and error.message == "cannot read file-\ufffd.txt"
+    assert log.replay(d.stream) == d.state()
+    d.close()
+
+
 def test_an_event_that_cannot_be_folded_leaves_the_journal_as_the_log() -> None:
     log = MemoryEventLog()
     d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: "a"))])

@@ -852,6 +852,62 @@ def test_a_turn_that_outlasts_its_wait_is_the_next_one_returned(log: LogBase) ->
     assert run.result().text == "done"
 
 
+def test_a_handed_over_turn_that_failed_is_not_handed_over_twice(tmp_path: Path) -> None:
+    from moot.store import StoreError
+
+    class Flaky(EventLog):
+        failing = False
+
+        def append(self, stream: str, events: Any, **kwargs: Any) -> int:
+            if self.failing:
+                raise StoreError("disk full (simulated)")
+            return super().append(stream, events, **kwargs)
+
+    gate = threading.Event()
+
+    @tool
+    def slow() -> str:
+        """Waits for the test."""
+        gate.wait(T)
+        return "ok"
+
+    log = Flaky(tmp_path / "flaky.db")
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    with pytest.raises(TimeoutError):
+        run.handle.next_turn(timeout=0.05)
+    log.failing = True
+    gate.set()
+    with pytest.raises(StoreError, match="disk full"):
+        run.handle.next_turn(timeout=T)  # the turn under way, which failed
+    log.failing = False
+    assert isinstance(run.turn(), Yielded)  # a new try, not the old failure again
+    assert run.result().text == "done"
+    log.close()
+
+
+def test_a_wait_behind_another_callers_turn_keeps_its_timeout(log: LogBase) -> None:
+    gate, running = threading.Event(), threading.Event()
+
+    @tool
+    def slow() -> str:
+        """Waits for the test."""
+        running.set()
+        gate.wait(T)
+        return "ok"
+
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    first: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    threading.Thread(
+        target=lambda: first.set_result(run.handle.next_turn(timeout=T)), daemon=True
+    ).start()
+    assert running.wait(T)  # the other caller's turn is under way
+    with pytest.raises(TimeoutError, match="another caller's turn"):
+        run.handle.next_turn(timeout=0.05)
+    gate.set()
+    assert isinstance(first.result(T), Yielded)
+    assert run.result().text == "done"
+
+
 def test_a_closed_handle_says_so(log: LogBase) -> None:
     from moot.actors._errors import ToolLoopError
 
@@ -899,6 +955,20 @@ def test_a_loop_resumed_without_a_config_keeps_the_one_it_recorded(log: LogBase)
     handle.close()
     assert (result.termination.reason, result.iterations) == ("max_iterations", 3)
     assert ToolLoopConfig.from_record(run.replay().config).record() == run.replay().config
+
+
+def test_a_hook_failing_with_text_utf8_cannot_hold_ends_the_loop_on_record(
+    log: LogBase,
+) -> None:
+    odd = b"file-\xff.txt".decode("utf-8", "surrogateescape")
+
+    def stop_when(ctx: StopContext) -> bool:
+        raise RuntimeError(f"cannot read {odd}")
+
+    run = Run(log, [calls(ADD), text("never")], stop_when=stop_when)
+    turn = run.turn()
+    assert isinstance(turn, Failed) and turn.error.message == "cannot read file-\ufffd.txt"
+    assert run.provider.calls == 1 and run.state() == run.replay()
 
 
 def test_costs_from_a_pricing_table(log: LogBase) -> None:

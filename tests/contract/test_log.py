@@ -249,6 +249,8 @@ def test_a_report_anchors_what_it_verified(log: LogBase) -> None:
         "gone",
         None,
     )
+    with pytest.raises(ValueError, match="the anchor's seq 0 for stream 'd' is not a seq"):
+        log.verify(anchor=Anchor(position=1, heads={"d": (0, "0" * 64)}))
     forged = Anchor(position=1, heads={"d": (1, "f" * 64)})
     report = log.verify(anchor=forged)
     assert (report.ok, report.first_bad) == (False, 1)
