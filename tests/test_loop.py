@@ -134,6 +134,22 @@ class Run:
 ADD = ("add", {"a": 2, "b": 3})
 
 
+class Gate:
+    """A tool named ``slow`` that runs until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open, self.running = threading.Event(), threading.Event()
+
+        @tool
+        def slow() -> str:
+            """Waits for the test."""
+            self.running.set()
+            self.open.wait(T)
+            return "ok"
+
+        self.tool = slow
+
+
 # ------------------------------------------------------------------ the basics
 
 
@@ -832,20 +848,13 @@ def test_text_utf8_cannot_hold_becomes_replacement_characters(log: LogBase) -> N
 
 
 def test_a_turn_that_outlasts_its_wait_is_the_next_one_returned(log: LogBase) -> None:
-    gate = threading.Event()
-
-    @tool
-    def slow() -> str:
-        """Waits for the test."""
-        gate.wait(T)
-        return "ok"
-
-    run = Run(log, [calls(("slow", {})), calls(("slow", {})), text("done")], tools=[slow])
+    gate = Gate()
+    run = Run(log, [calls(("slow", {})), calls(("slow", {})), text("done")], tools=[gate.tool])
     with pytest.raises(TimeoutError, match=r"no turn ended within 0\.05 s"):
         run.handle.next_turn(timeout=0.05)
     with pytest.raises(TimeoutError, match="busy with a turn"):
         run.handle.state(timeout=0.05)
-    gate.set()
+    gate.open.set()
     turn = run.handle.next_turn(timeout=T)  # the turn under way, not a new one
     assert isinstance(turn, Yielded) and turn.iteration == 1
     assert run.provider.calls == 1
@@ -863,20 +872,13 @@ def test_a_handed_over_turn_that_failed_is_not_handed_over_twice(tmp_path: Path)
                 raise StoreError("disk full (simulated)")
             return super().append(stream, events, **kwargs)
 
-    gate = threading.Event()
-
-    @tool
-    def slow() -> str:
-        """Waits for the test."""
-        gate.wait(T)
-        return "ok"
-
+    gate = Gate()
     log = Flaky(tmp_path / "flaky.db")
-    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[gate.tool])
     with pytest.raises(TimeoutError):
         run.handle.next_turn(timeout=0.05)
     log.failing = True
-    gate.set()
+    gate.open.set()
     with pytest.raises(StoreError, match="disk full"):
         run.handle.next_turn(timeout=T)  # the turn under way, which failed
     log.failing = False
@@ -886,24 +888,16 @@ def test_a_handed_over_turn_that_failed_is_not_handed_over_twice(tmp_path: Path)
 
 
 def test_a_wait_behind_another_callers_turn_keeps_its_timeout(log: LogBase) -> None:
-    gate, running = threading.Event(), threading.Event()
-
-    @tool
-    def slow() -> str:
-        """Waits for the test."""
-        running.set()
-        gate.wait(T)
-        return "ok"
-
-    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    gate = Gate()
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[gate.tool])
     first: concurrent.futures.Future[Any] = concurrent.futures.Future()
     threading.Thread(
         target=lambda: first.set_result(run.handle.next_turn(timeout=T)), daemon=True
     ).start()
-    assert running.wait(T)  # the other caller's turn is under way
+    assert gate.running.wait(T)  # the other caller's turn is under way
     with pytest.raises(TimeoutError, match="another caller's turn"):
         run.handle.next_turn(timeout=0.05)
-    gate.set()
+    gate.open.set()
     assert isinstance(first.result(T), Yielded)
     assert run.result().text == "done"
 
@@ -911,20 +905,13 @@ def test_a_wait_behind_another_callers_turn_keeps_its_timeout(log: LogBase) -> N
 def test_a_closed_handle_says_so(log: LogBase) -> None:
     from moot.actors._errors import ToolLoopError
 
-    gate = threading.Event()
-
-    @tool
-    def slow() -> str:
-        """Waits for the test."""
-        gate.wait(T)
-        return "ok"
-
-    run = Run(log, [calls(("slow", {})), text("done")], tools=[slow])
+    gate = Gate()
+    run = Run(log, [calls(("slow", {})), text("done")], tools=[gate.tool])
     with pytest.raises(TimeoutError):
         run.handle.next_turn(timeout=0.05)
     with pytest.raises(TimeoutError, match="still under way"):
         run.handle.close(timeout=0.05)
-    gate.set()
+    gate.open.set()
     run.handle.close(timeout=T)  # the turn ends, then the actor stops
     run.handle.close()  # twice is harmless
     finished = run.handle.next_turn(timeout=T)  # the turn that was under way is not lost
