@@ -26,7 +26,6 @@ much of it came from or went into the cache.
 from __future__ import annotations
 
 import os
-from contextlib import closing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -635,15 +634,19 @@ class AnthropicProvider(HttpProvider):
             self._body(request, stream=True), headers=request.extra_headers, deadline=call_deadline
         )
         state = _ReplyState(self._endpoint.redact)
-        with closing(events):
+        try:
             for event in events:
                 if event.data:
                     yield from state.feed(_decode(_event_decoder, event.data))
                 if state.done:
-                    drain(events)
                     break
             else:
                 raise ConnectionLostError("anthropic: the stream ended before message_stop")
+        finally:
+            if state.done:
+                drain(events)  # in the background: the reply is complete; it closes them
+            else:
+                events.close()
         yield from state.finish(self._model)
 
     def complete(self, request: ModelRequest, *, deadline: float | None = None) -> ModelResponse:

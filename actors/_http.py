@@ -25,10 +25,14 @@ so the rules live in one place:
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import email.utils
 import logging
 import os
+import queue
 import random
+import threading
 import time
 from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, Self
@@ -74,6 +78,38 @@ __all__ = [
 ]
 
 logger = logging.getLogger("moot.actors.http")
+
+
+class _Redacting(logging.Filter):
+    """Scrubs the secrets of every endpoint made in this process from the records of
+    httpx and httpcore, which log URLs (a password in the base URL) and, at DEBUG,
+    response headers (a gateway may echo a key)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: tuple[str, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, secrets: tuple[str, ...]) -> None:
+        with self._lock:
+            known = set(self.secrets) | set(secrets)
+            self.secrets = tuple(sorted(known, key=len, reverse=True))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self.secrets
+        if secrets:
+            message = record.getMessage()
+            cleaned = redact(message, secrets)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        return True
+
+
+_redacting = _Redacting()
+# A logger's filters see only its own records, not its children's: each one by name.
+for _name in ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2",
+              "httpcore.proxy", "httpcore.socks"):  # fmt: skip
+    logging.getLogger(_name).addFilter(_redacting)
 
 #: Seconds to wait for a TCP (and TLS) connection.
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -243,6 +279,34 @@ def secrets_of(headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted(set(found), key=len, reverse=True))
 
 
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The password of a URL's user info, as is and as httpx sends it (Basic auth)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return ()
+    if not parsed.password:
+        return ()
+    basic = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+    return tuple(sorted({parsed.password, basic, f"Basic {basic}"}, key=len, reverse=True))
+
+
+def _check_headers(provider: str, headers: Mapping[str, str], secrets: tuple[str, ...]) -> None:
+    """Refuse header values HTTP cannot carry (only ASCII), naming no secret.
+
+    Raises:
+        ConfigurationError: a value with a character outside ASCII (a key pasted with
+            a typographic dash, say).
+    """
+    for name, value in headers.items():
+        if not isinstance(value, str) or not value.isascii():
+            shown = "the value" if redact(value, secrets) != value else repr(value)
+            raise ConfigurationError(
+                f"{provider}: header {name!r}: {shown} has characters HTTP headers cannot "
+                "carry (only ASCII)"
+            )
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """The wait a server asked for, in seconds: ``retry-after-ms``, else ``Retry-After``.
 
@@ -294,19 +358,20 @@ class _ErrorBody(msgspec.Struct):
 _error_body_decoder = msgspec.json.Decoder(_ErrorBody)
 
 
-def error_detail(content: bytes | str) -> str:
-    """The human part of an error body: its message (and type), else its raw text, shortened."""
+def error_detail(content: bytes | str, secrets: tuple[str, ...] = ()) -> str:
+    """The human part of an error body: its message (and type), else its raw text; the
+    ``secrets`` redacted, then shortened (a secret cut in two would not be found)."""
     try:
         body = _error_body_decoder.decode(content)
     except (msgspec.DecodeError, UnicodeDecodeError):
         raw = content.decode("utf-8", "replace") if isinstance(content, bytes) else content
-        return _shorten(raw.strip())
+        return _shorten(redact(raw.strip(), secrets))
     if isinstance(body.error, _ErrorDetail):
         detail = body.error.message or ""
         if body.error.type and body.error.type not in detail:
             detail = f"{body.error.type}: {detail}" if detail else body.error.type
-        return _shorten(detail)
-    return _shorten(body.error or body.message or "")
+        return _shorten(redact(detail, secrets))
+    return _shorten(redact(body.error or body.message or "", secrets))
 
 
 def _shorten(text: str) -> str:
@@ -404,17 +469,54 @@ class HttpProvider:
         self._endpoint.close()
 
 
-def drain(events: Iterator[ServerSentEvent]) -> None:
-    """Read what is left of a finished stream, so that its connection can be reused.
+#: Events read after a reply's end before its connection is given up on.
+_DRAIN_LIMIT = 16
+#: How long a caller waits for the end of a finished stream to be read (servers send
+#: it at once; the connection is then back in the pool for the caller's next call).
+_DRAIN_WAIT = 0.05
+_drains: queue.SimpleQueue[tuple[Iterator[ServerSentEvent], threading.Event]] = queue.SimpleQueue()
+_drainer: list[threading.Thread] = []
+_drainer_lock = threading.Lock()
 
-    Servers end the body right after the last event; an error while reading that end
-    changes nothing about a reply that is already complete, so it is only logged.
+
+#: What httpcore says when a connection closed before any byte of a response came.
+_NO_RESPONSE = "Server disconnected without sending a response."
+
+
+def drain(events: Iterator[ServerSentEvent]) -> None:
+    """Read what is left of a finished stream, then close it, so that its connection can
+    be reused; the reading is done by a background thread.
+
+    Servers end the body right after the last event, and the caller waits for that
+    (briefly: see ``_DRAIN_WAIT``). One that keeps the body open (pinging, or silent)
+    holds the background thread until the read timeout or a few events more, never
+    the caller, whose reply is complete. An error while reading that end changes
+    nothing about the reply, so it is only logged. The caller must not use the
+    iterator again.
     """
-    try:
-        for _ in events:
-            pass
-    except ProviderError as exc:
-        logger.debug("ignoring an error after the end of a reply: %s", exc)
+    with _drainer_lock:
+        if not _drainer or not _drainer[0].is_alive():
+            thread = threading.Thread(target=_drain_forever, name="moot-drain", daemon=True)
+            thread.start()
+            _drainer[:] = [thread]
+    ended = threading.Event()
+    _drains.put((events, ended))
+    ended.wait(_DRAIN_WAIT)
+
+
+def _drain_forever() -> None:
+    while True:
+        events, ended = _drains.get()
+        try:
+            for count, _ in enumerate(events, 1):
+                if count >= _DRAIN_LIMIT:
+                    break
+        except Exception as exc:  # noqa: BLE001  the reply is complete: nothing to report
+            logger.debug("ignoring an error after the end of a reply: %s", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                getattr(events, "close", lambda: None)()
+            ended.set()
 
 
 @contextmanager
@@ -519,7 +621,15 @@ class HttpEndpoint:
         self.url = url
         self.retry = retry or RetryPolicy()
         self._headers = dict(headers)
-        self._secrets = secrets_of(self._headers)
+        self._secrets = secrets_of(self._headers) + _url_secrets(url)
+        _redacting.add(self._secrets)
+        _check_headers(provider, self._headers, self._secrets)
+        try:
+            httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigurationError(
+                f"{provider}: invalid base URL {shown_url(str(url))!r} ({exc})"
+            ) from None
         self._owns_client = client is None
         self._client = client or build_client(
             connect_timeout=connect_timeout, read_timeout=read_timeout
@@ -641,7 +751,7 @@ class HttpEndpoint:
             content = response.read()
         raise error_for_status(
             response.status_code,
-            redact(error_detail(content), secrets),
+            error_detail(content, secrets),
             provider=self.provider,
             retry_after=parse_retry_after(response.headers),
         )
@@ -658,7 +768,10 @@ class HttpEndpoint:
         try:
             return self._client.send(request, stream=True)
         except httpx.RemoteProtocolError as exc:
-            if not reused:  # a new connection that got no answer: a failure, not staleness
+            # A new connection that got no answer is a failure, not staleness; so is an
+            # answer that came but was broken (it was received: sending again would
+            # repeat the call).
+            if not reused or str(exc) != _NO_RESPONSE:
                 raise
             logger.debug(
                 "%s: no answer on a kept-alive connection (%s); resending", self.provider, exc
@@ -696,6 +809,12 @@ class HttpEndpoint:
             headers["cache-control"] = "no-store"
         headers.update(self._headers)
         if extra:
+            for name, value in extra.items():
+                if not isinstance(value, str) or not value.isascii():
+                    raise BadRequestError(
+                        f"{self.provider}: extra header {name!r} has a value HTTP headers "
+                        "cannot carry (only ASCII text)"
+                    )
             headers.update(extra)
         return headers
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -580,16 +579,22 @@ class OpenAIProvider(HttpProvider):
         body = build_chat_request(request, model=self._model, stream=True)
         state = _StreamState(self._endpoint.redact)
         events = self._endpoint.events(body, headers=request.extra_headers, deadline=call_deadline)
-        with closing(events):
+        done = False
+        try:
             for event in events:
                 if event.data.strip() == "[DONE]":
-                    drain(events)
+                    done = True
                     break
                 if event.data:
                     yield from state.feed(_decode_chunk(event.data))
             else:
                 if state.stop_reason is None:
                     raise ConnectionLostError("openai: the stream ended before the reply did")
+        finally:
+            if done:
+                drain(events)  # in the background: the reply is complete; it closes them
+            else:
+                events.close()
         yield from state.complete_calls()
         yield state.finish(self._model)
 

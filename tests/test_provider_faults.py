@@ -25,6 +25,7 @@ from moot.actors._anthropic import AnthropicProvider
 from moot.actors._errors import (
     AuthenticationError,
     BadRequestError,
+    ConfigurationError,
     ConnectionLostError,
     MalformedResponseError,
     NotFoundError,
@@ -568,3 +569,122 @@ def test_reprs_do_not_show_the_key() -> None:
     assert "extra_headers={'authorization': '***'}" in repr(request)
     for thing in (openai, anthropic, endpoint, in_url):
         thing.close()
+
+
+# ----------------------------------------------------- the end of a reply, odd servers
+
+
+def test_a_body_kept_open_after_the_reply_does_not_hold_the_reply(
+    api: Api, server: ScriptedServer
+) -> None:
+    """A server (or proxy) that keeps pinging after the last event: the reply is whole
+    at its last event, and the caller gets it then, not at the read timeout."""
+    server.script(Reply(chunks=api.hello, keepalive=api.keepalive))
+    provider = api.make(server.url)
+    for _ in range(2):  # and the next call is not stuck behind the first
+        assert call_model(provider, HELLO).text == "Hello"
+    assert len(server.requests) == 2
+
+
+class _Raw:
+    """A raw HTTP/1.1 server: the n-th request (from 1) gets ``answers[n - 1]``, sent
+    as bytes; the connection is closed after an answer that ends with ``close``."""
+
+    def __init__(self, answers: list[tuple[bytes, bool]]) -> None:
+        self.answers = answers
+        self.requests = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                if not line:
+                    return
+                reader.read(length)
+                self.requests += 1
+                answer, close = self.answers[min(self.requests, len(self.answers)) - 1]
+                conn.sendall(answer)
+                if close:
+                    return
+
+
+def _http_json(body: dict[str, Any]) -> bytes:
+    data = json.dumps(body).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(data),
+        data,
+    )
+
+
+def test_a_broken_answer_on_a_kept_alive_connection_is_not_sent_again() -> None:
+    """Only a connection that closed before any byte of an answer is stale; a broken
+    answer was an answer: sending the call again would repeat it."""
+    whole = {"model": "m", "choices": [{"index": 0, "message": {"content": "one"}}]}
+    raw = _Raw(
+        [
+            (_http_json(whole), False),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n", True),  # broken
+        ]
+    )
+    provider = OpenAIProvider(
+        raw.url + "/v1", "m", api_key=SECRET, retry=RetryPolicy(max_attempts=1)
+    )
+    _opened.append(provider)
+    assert provider.complete(HELLO).text == "one"
+    with pytest.raises(ConnectionLostError, match="Content-Length"):
+        provider.complete(HELLO)
+    assert raw.requests == 2
+    raw.listener.close()
+
+
+def test_what_http_cannot_carry_is_refused_before_any_call() -> None:
+    with pytest.raises(
+        ConfigurationError, match="'authorization': the value has characters"
+    ) as got:
+        OpenAIProvider("http://127.0.0.1:9/v1", "m", api_key="sk-SECRET\u2013dash")
+    assert "SECRET" not in str(got.value)
+    with pytest.raises(ConfigurationError, match="'x-api-key'"):
+        AnthropicProvider("m", api_key="sk-ant-\u00e9", base_url="http://127.0.0.1:9")
+    with pytest.raises(ConfigurationError, match="invalid base URL"):
+        OpenAIProvider("http://127.0.0.1:1:bad/v1", "m", api_key="k")
+    provider = OpenAIProvider("http://127.0.0.1:9/v1", "m", api_key="k")
+    _opened.append(provider)
+    odd = msgspec.structs.replace(HELLO, extra_headers={"x-note": "caf\u00e9"})
+    with pytest.raises(BadRequestError, match="extra header 'x-note'"):
+        provider.complete(odd)
+
+
+def test_a_key_quoted_where_a_long_error_is_cut_is_still_redacted(server: ScriptedServer) -> None:
+    quoted = ("x" * 470 + f" Bearer {SECRET} " + "y" * 100).encode()
+    server.script(Reply(status=400, body=quoted, content_type="text/plain"))
+    with pytest.raises(BadRequestError) as got:
+        call_model(_openai(server.url), HELLO)
+    message = str(got.value)
+    assert "[redacted]" in message and SECRET[:8] not in message
+
+
+def test_httpx_logs_never_show_a_password_in_the_base_url(
+    server: ScriptedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.script(Reply.json(error_json("nope"), status=401))
+    url = server.url.replace("http://", "http://user:PASSWORD123@") + "/v1"
+    provider = OpenAIProvider(url, "m", api_key=SECRET)
+    _opened.append(provider)
+    with caplog.at_level(logging.DEBUG), pytest.raises(AuthenticationError):
+        provider.complete(HELLO)
+    assert caplog.records  # httpx did log the request
+    assert not [r for r in caplog.records if "PASSWORD123" in r.getMessage()]
