@@ -20,7 +20,7 @@ import contextlib
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
 
 import msgspec
 import pykka
@@ -320,18 +320,33 @@ class Dialogue:
     # --------------------------------------------------------------- closing
 
     def close(self, reason: str = "closed", *, timeout: float | None = None) -> None:
-        """Record DialogueClosed once the current turn is over, and stop every actor."""
+        """Record DialogueClosed once the current turn is over, and stop every actor.
+
+        If the turn in progress does not end within ``timeout`` (default: the
+        dialogue's), a DialogueError says so; the close stays queued, as with
+        :meth:`join`: the turn's replies are recorded, then the close, and the actors
+        stop then.
+        """
         if self._closed:
             return
         self._closed = True
         wait = self.timeout if timeout is None else timeout
         try:
-            self._wait(self._ref.ask(("close", reason), timeout=wait), wait)
+            queued = cast(
+                "concurrent.futures.Future[None]",
+                self._ref.ask(("close", reason), timeout=wait),
+            )
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
-        finally:
-            with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-                self._ref.stop(timeout=wait)
+        except pykka.Timeout as exc:
+            raise DialogueError(f"the coordinator did not answer within {wait} s") from exc
+        try:
+            self._wait(queued, wait)
+        except DialogueError:
+            queued.add_done_callback(lambda _: self._ref.stop(block=False))
+            raise
+        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
+            self._ref.stop(timeout=wait)
 
     def stop(self) -> None:
         """Stop the actors without recording a close (the dialogue stays open)."""

@@ -59,7 +59,11 @@ class _Failed(msgspec.Struct, frozen=True):
     message: str
 
 
-Item = _Started | TurnReply | _Done | _Failed
+class _Wake(msgspec.Struct, frozen=True):
+    """Nothing new: the reader is woken to see that its session was closed."""
+
+
+Item = _Started | TurnReply | _Done | _Failed | _Wake
 
 
 class Channel:
@@ -90,6 +94,11 @@ class Channel:
 
     def failed(self, message: str) -> None:
         self._put(_Failed(message))
+
+    # either side
+    def wake(self) -> None:
+        """Wake whoever waits, with nothing to read (their session was closed)."""
+        self._put(_Wake())
 
     def _put(self, *items: Item) -> None:
         with self._cond:
@@ -215,6 +224,8 @@ class Session:
             case _Failed():
                 self._finished = True
                 raise DialogueError(item.message)
+            case _Wake():
+                pass
 
     def _ready(self) -> TurnReply | None:
         """The reply that may be yielded now, if any (and notes when the turn is over)."""
@@ -263,9 +274,12 @@ class Session:
         return out
 
     def close(self) -> None:
-        """Stop reading: nothing more is yielded. The turn itself goes on; its replies
-        are recorded regardless."""
-        self._closed = self._finished = True
+        """Stop reading: nothing more is yielded, also to a reader waiting now (in
+        another thread or task). The turn itself goes on; its replies are recorded
+        regardless."""
+        if not self._closed:
+            self._closed = self._finished = True
+            self._channel.wake()
 
     def __enter__(self) -> Self:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 from typing import TYPE_CHECKING, Any
@@ -28,7 +29,6 @@ from moot.events import (
 from moot.store import MemoryEventLog, StoreError
 
 if TYPE_CHECKING:
-    import concurrent.futures
     from collections.abc import Callable
 
     from moot.store import Subscription
@@ -183,6 +183,23 @@ def test_an_interrupted_turn_must_be_finished_first() -> None:
     assert log.verify().ok
 
 
+def test_a_close_that_times_out_stays_queued_and_loses_nothing() -> None:
+    gate = threading.Event()
+    log = MemoryEventLog()
+    d = Dialogue.create(
+        log, participants=[Participant("a", CallableAgent(lambda p: (gate.wait(T), "late")[1]))]
+    )
+    session = d.session("one")
+    with pytest.raises(DialogueError, match=r"did not end within 0\.05 s"):
+        d.close(timeout=0.05)
+    gate.set()
+    assert [r.content for r in session.all(T)] == ["late"]  # the reply is recorded
+    assert d._ref.actor_stopped.wait(T)  # and then the close, and the actors stop
+    kinds = [type(r.event).__name__ for r in log.read(d.stream)]
+    assert kinds[-3:] == ["DialogueMessage", "TurnCompleted", "DialogueClosed"]
+    assert log.stream_info(d.stream).status == "closed"
+
+
 def test_stopping_a_dialogue_tells_whoever_waits() -> None:
     gate = threading.Event()
 
@@ -275,6 +292,36 @@ def test_a_closed_session_yields_nothing_more() -> None:
     assert list(session) == []
     contents = [r.event.content for r in log.read(d.stream) if isinstance(r.event, DialogueMessage)]
     assert contents == ["go", "b", "a"]
+    d.close()
+
+
+def test_closing_a_session_wakes_its_waiting_readers() -> None:
+    gate = threading.Event()
+    log = MemoryEventLog()
+    d = Dialogue.create(
+        log, participants=[Participant("a", CallableAgent(lambda p: (gate.wait(T), "a")[1]))]
+    )
+    waiting = d.session("one")
+    read: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+    threading.Thread(target=lambda: read.set_result(list(waiting)), daemon=True).start()
+    with log.subscribe() as follow:  # the agent is running: the reader is waiting
+        wait_for(follow, lambda e: isinstance(e, PayloadDelivered))
+    waiting.close()
+    assert read.result(T) == []  # woken at once, not when the agent answers
+
+    async def in_a_task() -> list[Any]:
+        second = d.session("two")  # queued behind the first turn, still running
+
+        async def read_all() -> list[Any]:
+            return [r async for r in second]
+
+        task = asyncio.create_task(asyncio.wait_for(read_all(), T))
+        await asyncio.sleep(0)  # the task runs until it waits
+        second.close()
+        return await task
+
+    assert asyncio.run(in_a_task()) == []
+    gate.set()
     d.close()
 
 
