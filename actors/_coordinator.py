@@ -119,8 +119,11 @@ class Coordinator(pykka.ThreadingActor):
         *,
         moderator: Agent | None = None,
         mention_strategy: str = "exact_word",
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         super().__init__()
+        #: Gives the stream's lease back (when the coordinator stops).
+        self._release = release
         self.log = log
         self.stream = stream
         self.journal = Journal(log, stream, state)
@@ -165,6 +168,7 @@ class Coordinator(pykka.ThreadingActor):
             ref.stop(block=False)
         for ref in self._actors.values():
             ref.actor_stopped.wait(30)
+        self._release()
 
     def _spawn(self, name: str, agent: Agent) -> None:
         self._actors[name] = ParticipantActor.start(name, agent, self._post)

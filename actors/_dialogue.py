@@ -44,10 +44,11 @@ from ._context import render_context
 from ._coordinator import MODERATOR, Coordinator, StartTurn
 from ._decide import MENTION_STRATEGIES, REACTIONS, validate_order
 from ._errors import DialogueError
+from ._lease import StreamBusy, lease
 from ._session import Channel, Session, TurnReply
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from moot.store import LogBase
 
@@ -194,9 +195,20 @@ class Dialogue:
         state = log.replay(stream)
         assert isinstance(state, DialogueState)
         agents = {p.name: p.agent for p in participants}
-        ref = Coordinator.start(
-            log, stream, state, agents, moderator=moderator, mention_strategy=mention_strategy
-        )
+        release = _lease(log, stream)
+        try:
+            ref = Coordinator.start(
+                log,
+                stream,
+                state,
+                agents,
+                moderator=moderator,
+                mention_strategy=mention_strategy,
+                release=release,
+            )
+        except BaseException:
+            release()
+            raise
         return cls(log, stream, ref, timeout)
 
     @classmethod
@@ -221,7 +233,25 @@ class Dialogue:
             DialogueError: the stream is not a dialogue, is closed, or a participant
                 has no agent.
         """
-        state = log.replay(stream)
+        release = _lease(log, stream)  # one driver per stream, also across processes
+        try:
+            return cls._resume(log, stream, agents, moderator, mention_strategy, timeout, release)
+        except BaseException:
+            release()
+            raise
+
+    @classmethod
+    def _resume(
+        cls,
+        log: LogBase,
+        stream: str,
+        agents: Mapping[str, Agent],
+        moderator: Agent | None,
+        mention_strategy: str | None,
+        timeout: float,
+        release: Callable[[], None],
+    ) -> Dialogue:
+        state = log.replay(stream)  # read once the lease is ours
         if not isinstance(state, DialogueState):
             raise DialogueError(f"stream {stream!r} is not a dialogue")
         if state.status == "closed":
@@ -240,7 +270,13 @@ class Dialogue:
         strategy = mention_strategy or state.mention_strategy or "exact_word"
         _check_mention_strategy(strategy)
         ref = Coordinator.start(
-            log, stream, state, chosen, moderator=moderator, mention_strategy=strategy
+            log,
+            stream,
+            state,
+            chosen,
+            moderator=moderator,
+            mention_strategy=strategy,
+            release=release,
         )
         return cls(log, stream, ref, timeout)
 
@@ -386,6 +422,13 @@ class Dialogue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _lease(log: LogBase, stream: str) -> Callable[[], None]:
+    try:
+        return lease(log, stream)
+    except StreamBusy as exc:
+        raise DialogueError(str(exc)) from None
 
 
 def _check_mention_strategy(strategy: str) -> None:

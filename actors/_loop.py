@@ -62,6 +62,7 @@ from moot.store import StoreError
 
 from ._errors import ProviderError, ProviderTimeout, ToolLoopError, error_record, storable_text
 from ._journal import Journal
+from ._lease import StreamBusy, lease
 from ._model import (
     Delta,
     ModelRequest,
@@ -325,8 +326,11 @@ class _Engine:
         on_delta: Callable[[Delta], None] | None,
         runtime: Any,
         deadline: float | None = None,
+        release: Callable[[], None] = lambda: None,
     ) -> None:
         self.journal = journal
+        #: Gives the stream's lease back (when the actor stops).
+        self.release = release
         self.provider = provider
         self.tools = tools
         self.config = config
@@ -646,6 +650,7 @@ class _Engine:
         if self.pool is not None:
             self.pool.shutdown(wait=False)
             self.pool = None
+        self.release()
 
     def _run_tool(self, call: ToolCallBlock, arguments: dict[str, Any]) -> ToolExecutionEnd:
         """Run one call (in any thread); returns the event recording how it ended."""
@@ -951,6 +956,8 @@ class ToolLoopHandle:
         #: The turn a timed-out next_turn left under way.
         self._pending: pykka.Future[Any] | None = None
         self._turns = threading.Lock()
+        #: Set by close: a wait for a decision ends then.
+        self._closed = threading.Event()
 
     def __repr__(self) -> str:
         return f"<ToolLoopHandle {self.stream}>"
@@ -1095,6 +1102,8 @@ class ToolLoopHandle:
         start = self.log.stream_info(self.stream).last_position
         with self.log.subscribe(start, stream=self.stream, poll_interval=poll) as sub:
             while self.log.stream_info(self.stream).last_seq <= paused.seq:
+                if self._closed.is_set():
+                    raise ToolLoopError(f"loop {self.stream}: this handle is closed")
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"loop {self.stream} is still waiting for approval")
@@ -1113,6 +1122,7 @@ class ToolLoopHandle:
             TimeoutError: the turn under way did not end within ``timeout`` seconds
                 (the actor still stops when it does).
         """
+        self._closed.set()
         try:
             self._ref.stop(timeout=timeout)
         except pykka.Timeout:
@@ -1251,14 +1261,29 @@ class ToolLoop:
         resumed: bool = False,
         deadline: float | None = None,
     ) -> ToolLoopHandle:
-        state = log.replay(stream)
-        assert isinstance(state, LoopState)
-        journal = Journal(log, stream, state)
-        runtime = NestedLoops(log, stream, config, resumed=resumed)
-        engine = _Engine(
-            journal, provider, tools, config, on_delta=on_delta, runtime=runtime, deadline=deadline
-        )
-        return ToolLoopHandle(log, stream, _LoopActor.start(engine))
+        try:
+            release = lease(log, stream)  # one driver per stream, also across processes
+        except StreamBusy as exc:
+            raise ToolLoopError(str(exc)) from None
+        try:
+            state = log.replay(stream)  # read once the lease is ours
+            assert isinstance(state, LoopState)
+            journal = Journal(log, stream, state)
+            runtime = NestedLoops(log, stream, config, resumed=resumed)
+            engine = _Engine(
+                journal,
+                provider,
+                tools,
+                config,
+                on_delta=on_delta,
+                runtime=runtime,
+                deadline=deadline,
+                release=release,
+            )
+            return ToolLoopHandle(log, stream, _LoopActor.start(engine))
+        except BaseException:
+            release()
+            raise
 
 
 @dataclass(frozen=True)

@@ -958,6 +958,29 @@ def test_a_hook_failing_with_text_utf8_cannot_hold_ends_the_loop_on_record(
     assert run.provider.calls == 1 and run.state() == run.replay()
 
 
+def test_closing_the_handle_ends_a_wait_for_a_decision(log: LogBase) -> None:
+    from moot.actors._errors import ToolLoopError
+
+    run = Run(log, [calls(ADD), text("never")], approval=lambda call: ask_person())
+    ended: concurrent.futures.Future[BaseException | None] = concurrent.futures.Future()
+    asked = threading.Event()
+
+    def drive() -> None:
+        try:
+            run.handle.run(on_turn=lambda turn: asked.set() if isinstance(turn, Paused) else None)
+        except BaseException as exc:  # handed to the test thread
+            ended.set_result(exc)
+        else:
+            ended.set_result(None)
+
+    threading.Thread(target=drive, daemon=True).start()
+    assert asked.wait(T)  # the driver waits for a person, with no time limit
+    run.handle.close()
+    failure = ended.result(T)
+    assert isinstance(failure, ToolLoopError) and "this handle is closed" in str(failure)
+    assert log.stream_info(run.handle.stream).status == "awaiting"  # resumable
+
+
 def test_costs_from_a_pricing_table(log: LogBase) -> None:
     from moot.actors._loop import Pricing
 

@@ -322,3 +322,56 @@ def test_a_loop_participant_never_adopts_a_stream_that_is_not_its_loop() -> None
         "stream 'D/bot/t1' exists but is not the loop of 'bot' for turn 1 of 'D'"
     )
     assert log.stream_info("D/bot/t1").parent is None  # left as it was
+
+
+def test_a_stream_has_one_driver_across_processes(tmp_path: Path) -> None:
+    """A second driver would take the first one's running tool for a crashed one."""
+    from moot.actors import Dialogue, Participant, ToolLoop, ToolRegistry
+    from moot.actors._agents import CallableAgent
+    from moot.actors._errors import DialogueError, ToolLoopError
+    from moot.actors._scripted import ScriptedProvider, ScriptedReply
+    from tests.test_sqlite_log import run_python
+
+    db = tmp_path / "moot.db"
+    driver = run_python(  # a loop whose tool waits for our word, in another process
+        """
+        import sys
+        from moot.actors import ScriptedCall, ScriptedProvider, ScriptedReply, ToolLoop
+        from moot.actors import ToolRegistry, tool
+        from moot.store import EventLog
+
+        @tool
+        def pay() -> str:
+            '''Pays, once.'''
+            print("paying", flush=True)
+            sys.stdin.readline()
+            return "paid"
+
+        log = EventLog(sys.argv[1])
+        replies = [ScriptedReply(tool_calls=(ScriptedCall("pay", {}),)), ScriptedReply(text="ok")]
+        handle = ToolLoop.start(
+            log, ScriptedProvider(replies), ToolRegistry([pay]), prompt="go", stream="L"
+        )
+        print(handle.run(timeout=60).text, flush=True)
+        """,
+        str(db),
+    )
+    assert driver.stdout is not None and driver.stdin is not None
+    assert driver.stdout.readline().strip() == "paying"
+    with EventLog(db) as log:
+        with pytest.raises(ToolLoopError, match="'L' is driven by another process"):
+            ToolLoop.resume(log, "L", ScriptedProvider([ScriptedReply(text="x")]), ToolRegistry())
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        assert driver.stdout.readline().strip() == "ok"
+        assert driver.wait(timeout=30) == 0
+        ends = [r.event for r in log.read("L") if isinstance(r.event, ToolExecutionEnd)]
+        assert [e.content for e in ends] == ["paid"]  # not "interrupted"
+        # Within one process too; and once a driver stops, another may take over.
+        d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: "a"))])
+        with pytest.raises(DialogueError, match="already driven in this process"):
+            Dialogue.resume(log, d.stream, {"a": CallableAgent(lambda p: "a")})
+        d.stop()
+        again = Dialogue.resume(log, d.stream, {"a": CallableAgent(lambda p: "b")})
+        assert [r.content for r in again.run("hi", timeout=30)] == ["b"]
+        again.close()
