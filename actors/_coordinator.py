@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -164,10 +165,24 @@ class Coordinator(pykka.ThreadingActor):
             if channel is not None:
                 channel.failed(str(stopped))
             future.set_exception(stopped)
+        agents = [*self._agents.values(), *([self._moderator] if self._moderator else [])]
+        for agent in agents:  # an agent blocked in a wait of its own (a loop paused for
+            interrupt = getattr(agent, "interrupt", None)  # approval) gives it up
+            if callable(interrupt):
+                try:
+                    interrupt()
+                except Exception:
+                    logger.exception("dialogue %s: an agent failed to stop", self.stream)
         for ref in self._actors.values():
             ref.stop(block=False)
-        for ref in self._actors.values():
-            ref.actor_stopped.wait(30)
+        try:
+            for ref in self._actors.values():
+                ref.actor_stopped.wait(30)
+        finally:
+            self._release()
+
+    def on_failure(self, *_: object) -> None:
+        """A crash (pykka calls no on_stop then): the stream may be driven again."""
         self._release()
 
     def _spawn(self, name: str, agent: Agent) -> None:
@@ -184,7 +199,8 @@ class Coordinator(pykka.ThreadingActor):
         self._mailbox.append(outcome)
         if not self._flush_told:
             self._flush_told = True
-            self.actor_ref.tell(_Flush())
+            with contextlib.suppress(pykka.ActorDeadError):  # stopped: nobody to tell
+                self.actor_ref.tell(_Flush())
 
     # ------------------------------------------------------ the one funnel
 

@@ -374,20 +374,32 @@ class Dialogue:
             )
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
-        except pykka.Timeout as exc:
+        except pykka.Timeout as exc:  # busy: it stops once it has taken the close in
+            with contextlib.suppress(pykka.ActorDeadError):
+                self._ref.stop(block=False)
             raise DialogueError(f"the coordinator did not answer within {wait} s") from exc
         try:
-            self._wait(queued, wait)
-        except DialogueError:
+            queued.result(wait)
+        except concurrent.futures.TimeoutError as exc:
             queued.add_done_callback(lambda _: self._ref.stop(block=False))
+            raise DialogueError(
+                f"the turn in progress did not end within {wait} s; the dialogue closes "
+                "when it does (stop() to give it up)"
+            ) from exc
+        except BaseException:  # the close itself failed: nothing is left to wait for
+            self._stop_actors(wait)
             raise
+        self._stop_actors(wait)
+
+    def _stop_actors(self, wait: float | None) -> None:
         with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
             self._ref.stop(timeout=wait)
 
     def stop(self) -> None:
-        """Stop the actors without recording a close (the dialogue stays open)."""
-        if not self._closed:
-            self._closed = True
+        """Stop the actors without recording a close (the dialogue stays open); also
+        after a :meth:`close` that timed out, to give up the turn it waits for."""
+        self._closed = True
+        if self._ref.is_alive():
             try:
                 self._ref.stop(timeout=self.timeout)
             except pykka.Timeout as exc:  # an agent still busy: its actor stops after it

@@ -288,7 +288,9 @@ def _url_secrets(url: str) -> tuple[str, ...]:
     if not parsed.password:
         return ()
     basic = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
-    return tuple(sorted({parsed.password, basic, f"Basic {basic}"}, key=len, reverse=True))
+    raw = parsed.userinfo.decode("ascii", "replace").partition(":")[2]  # percent-encoded
+    found = {parsed.password, raw, basic, f"Basic {basic}"}
+    return tuple(sorted(found, key=len, reverse=True))
 
 
 def _check_headers(provider: str, headers: Mapping[str, str], secrets: tuple[str, ...]) -> None:
@@ -475,7 +477,10 @@ _DRAIN_LIMIT = 16
 #: it at once; the connection is then back in the pool for the caller's next call).
 _DRAIN_WAIT = 0.05
 _drains: queue.SimpleQueue[tuple[Iterator[ServerSentEvent], threading.Event]] = queue.SimpleQueue()
-_drainer: list[threading.Thread] = []
+#: Drain threads waiting for work; when none is, one more is started, so a server that
+#: keeps a body open holds its own thread, never another stream's drain (and its
+#: connection).
+_idle_drainers = 0
 _drainer_lock = threading.Lock()
 
 
@@ -494,17 +499,19 @@ def drain(events: Iterator[ServerSentEvent]) -> None:
     nothing about the reply, so it is only logged. The caller must not use the
     iterator again.
     """
+    global _idle_drainers  # noqa: PLW0603  the pool's one counter
     with _drainer_lock:
-        if not _drainer or not _drainer[0].is_alive():
-            thread = threading.Thread(target=_drain_forever, name="moot-drain", daemon=True)
-            thread.start()
-            _drainer[:] = [thread]
+        if _idle_drainers:
+            _idle_drainers -= 1  # that one takes this work
+        else:
+            threading.Thread(target=_drain_forever, name="moot-drain", daemon=True).start()
     ended = threading.Event()
     _drains.put((events, ended))
     ended.wait(_DRAIN_WAIT)
 
 
 def _drain_forever() -> None:
+    global _idle_drainers  # noqa: PLW0603
     while True:
         events, ended = _drains.get()
         try:
@@ -517,6 +524,8 @@ def _drain_forever() -> None:
             with contextlib.suppress(Exception):
                 getattr(events, "close", lambda: None)()
             ended.set()
+            with _drainer_lock:
+                _idle_drainers += 1
 
 
 @contextmanager

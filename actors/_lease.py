@@ -48,9 +48,11 @@ def lease(log: LogBase, stream: str) -> Callable[[], None]:
     Raises:
         StreamBusy: another handle of this process, or another process, drives it.
     """
-    path = getattr(log, "path", None)
-    on_disk = isinstance(path, str) and path != ":memory:"
-    database = os.path.realpath(path) if on_disk else f"memory:{id(log)}"  # type: ignore[arg-type]
+    # The file as it was when the log opened it (a relative path read later would follow
+    # a change of the working directory).
+    path = getattr(log, "realpath", None)
+    database = path if isinstance(path, str) else f"memory:{id(log)}"
+    on_disk = isinstance(path, str)
     key = (database, stream)
     byte = int.from_bytes(hashlib.blake2b(stream.encode(), digest_size=8).digest()) >> 2
     with _lock:
@@ -79,6 +81,16 @@ def lease(log: LogBase, stream: str) -> Callable[[], None]:
                     fcntl.lockf(fd, fcntl.LOCK_UN, 1, byte)
 
     return release
+
+
+def _forget() -> None:
+    """In a forked child: the parent's leases are not the child's (nor are its POSIX
+    locks); the inherited descriptors stay open, as closing them is never safe."""
+    _held.clear()
+    _files.clear()
+
+
+os.register_at_fork(after_in_child=_forget)
 
 
 def _side_file(database: str) -> int | None:

@@ -552,7 +552,7 @@ class _Engine:
                 taken = True
                 self._take_commands()
                 self._done("stop_condition", command.reason, state.last_response)
-        except StoreError:  # the log cannot be written now: the stop waits for a turn
+        except (StoreError, ValueError):  # not written now: the stop waits for a turn
             logger.exception("loop %s: could not stop while paused", self.stream)
             if taken:
                 self.commands.append(command)
@@ -922,6 +922,10 @@ class _LoopActor(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self.engine.close()
 
+    def on_failure(self, *_: object) -> None:
+        """A crash (pykka calls no on_stop then): the stream may be driven again."""
+        self.engine.close()
+
     def on_receive(self, message: Any) -> Any:
         engine = self.engine
         match message:
@@ -1010,6 +1014,8 @@ class ToolLoopHandle:
         approval ends at once, its waiting calls not run (``Done``, ``stop_condition``)."""
         if reason is not None and not isinstance(reason, str):
             raise ToolLoopError(f"a stop reason is a string, not {type(reason).__name__}")
+        if reason is not None and storable_text(reason) != reason:
+            raise ToolLoopError("a stop reason must be text UTF-8 can hold (no lone surrogates)")
         self._call(lambda: self._ref.tell(_Command("stop", reason=reason)))
 
     def decide(

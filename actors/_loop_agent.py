@@ -9,6 +9,7 @@ and a loop that had finished is not run again.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 from moot.events import LoopParent, LoopState
@@ -70,9 +71,19 @@ class ToolLoopAgent:
         self.on_pause = on_pause
         self._prompt = LlmAgent(provider, instructions=instructions, history_turns=history_turns)
         self.loops: list[str] = []
+        #: The loop answering the turn in progress (closed by interrupt).
+        self._current: ToolLoopHandle | None = None
 
     def __repr__(self) -> str:
         return f"ToolLoopAgent({self.provider!r}, {len(self.tools)} tools)"
+
+    def interrupt(self) -> None:
+        """Give up the turn in progress (its dialogue is stopping): the loop's handle is
+        closed, so a wait for a decision ends; the loop stays resumable."""
+        handle = self._current
+        if handle is not None:
+            with contextlib.suppress(TimeoutError, ToolLoopError):
+                handle.close(timeout=5)
 
     def restore(self, memory: AgentMemory) -> None:
         """Rebuild the chat history, and skip script entries used by earlier loops."""
@@ -94,9 +105,11 @@ class ToolLoopAgent:
         name = payload.participant.name
         stream = loop_stream_id(payload.stream, name, payload.turn)
         handle = self._open(stream, payload)
+        self._current = handle
         try:
             result = self._finish(handle)
         finally:
+            self._current = None
             handle.close()
         self._prompt.remember(payload.text, result.text)
         self.loops.append(stream)

@@ -244,6 +244,9 @@ class EventLog(LogBase):
         self.path = os.fspath(path)
         self.readonly = readonly
         self._memory = self.path == ":memory:"
+        #: The file's resolved path when it was opened (None in memory): it names the
+        #: database whatever the working directory becomes.
+        self.realpath = None if self._memory else os.path.realpath(self.path)
         conn, release = open_held(self.path, readonly=readonly, timeout=timeout)
         #: Called once the connections are closed (see open_held).
         self._releases = [release]

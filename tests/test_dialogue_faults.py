@@ -26,10 +26,11 @@ from moot.events import (
     TurnCompleted,
     TurnStarted,
 )
-from moot.store import MemoryEventLog, StoreError
+from moot.store import ConcurrencyError, MemoryEventLog, StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from moot.store import Subscription
 
@@ -198,6 +199,33 @@ def test_a_close_that_times_out_stays_queued_and_loses_nothing() -> None:
     kinds = [type(r.event).__name__ for r in log.read(d.stream)]
     assert kinds[-3:] == ["DialogueMessage", "TurnCompleted", "DialogueClosed"]
     assert log.stream_info(d.stream).status == "closed"
+
+
+def test_a_close_that_fails_or_is_given_up_stops_the_actors(tmp_path: Path) -> None:
+    from moot.store import EventLog
+
+    log = EventLog(tmp_path / "m.db")
+    d = Dialogue.create(log, participants=[Participant("a", CallableAgent(lambda p: "hi"))])
+    d.run("hello", timeout=T)
+    log.append(d.stream, [Input("late").message()])  # someone else wrote: the close fails
+    with pytest.raises(ConcurrencyError):
+        d.close()
+    assert not d._ref.is_alive()  # and its stream may be driven again
+    again = Dialogue.resume(log, d.stream, {"a": CallableAgent(lambda p: "hi")})
+    gate = threading.Event()
+    stuck = Dialogue.create(
+        log, participants=[Participant("a", CallableAgent(lambda p: (gate.wait(T), "x")[1]))]
+    )
+    stuck.session("go")
+    with pytest.raises(DialogueError, match="stop\\(\\) to give it up"):
+        stuck.close(timeout=0.05)
+    stopper = threading.Thread(target=stuck.stop)  # gives the turn up
+    stopper.start()
+    gate.set()
+    stopper.join(T)
+    assert not stuck._ref.is_alive()
+    again.close()
+    log.close()
 
 
 def test_stopping_a_dialogue_tells_whoever_waits() -> None:

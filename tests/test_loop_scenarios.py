@@ -375,3 +375,64 @@ def test_a_stream_has_one_driver_across_processes(tmp_path: Path) -> None:
         again = Dialogue.resume(log, d.stream, {"a": CallableAgent(lambda p: "b")})
         assert [r.content for r in again.run("hi", timeout=30)] == ["b"]
         again.close()
+
+
+def test_a_lease_names_the_file_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moot.actors import Dialogue, Participant
+    from moot.actors._agents import CallableAgent
+    from moot.actors._errors import DialogueError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    log = EventLog("moot.db")
+    d = Dialogue.create(log, participants=[Participant("x", CallableAgent(lambda p: "1"))])
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(DialogueError, match="already driven"):
+        Dialogue.resume(log, d.stream, {"x": CallableAgent(lambda p: "2")})
+    d.close()
+    log.close()
+
+
+def test_stopping_a_dialogue_ends_its_participants_waits_for_decisions(
+    tmp_path: Path,
+) -> None:
+    """A tool-loop participant paused for approval gives the wait up when its dialogue
+    stops; the loop stays paused, and the resumed dialogue picks it up."""
+    from moot.actors import Dialogue, Participant, ToolRegistry
+    from moot.actors._loop import ToolLoopConfig, ask_person, decision_event
+    from moot.actors._loop_agent import ToolLoopAgent
+    from moot.actors._scripted import ScriptedCall, ScriptedProvider, ScriptedReply
+    from moot.events import LoopState
+    from tests.loop_tools import add
+
+    def agent(log: EventLog) -> ToolLoopAgent:
+        replies = [
+            ScriptedReply(tool_calls=(ScriptedCall("add", {"a": 1, "b": 2}),)),
+            ScriptedReply(text="done"),
+        ]
+        config = ToolLoopConfig(approval=lambda call: ask_person())
+        return ToolLoopAgent(ScriptedProvider(replies), ToolRegistry([add]), log, config=config)
+
+    with EventLog(tmp_path / "m.db") as log:
+        d = Dialogue.create(log, participants=[Participant("a", agent(log))], timeout=30)
+        with log.subscribe() as follow:
+            d.session("go")
+            while not (
+                (record := follow.next(timeout=30)) is not None
+                and record.type == "ApprovalRequested"
+            ):
+                assert record is not None
+        d.stop()  # at once: the participant's wait for a decision ends
+        loop = record.stream
+        assert log.stream_info(loop).status == "awaiting"
+        again = Dialogue.resume(log, d.stream, {"a": agent(log)}, timeout=30)
+        session = again.finish_turn()
+        state = log.replay(loop)
+        assert isinstance(state, LoopState)
+        call = state.awaiting[0]
+        log.append(loop, [decision_event(state, call.id, "approve")], expected_seq=state.seq)
+        assert [r.content for r in session.all(30)] == ["done"]
+        again.close()

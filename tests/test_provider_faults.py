@@ -681,10 +681,23 @@ def test_httpx_logs_never_show_a_password_in_the_base_url(
     server: ScriptedServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     server.script(Reply.json(error_json("nope"), status=401))
-    url = server.url.replace("http://", "http://user:PASSWORD123@") + "/v1"
+    url = server.url.replace("http://", "http://user:PASSWORD123%2Fp%40ss@") + "/v1"
     provider = OpenAIProvider(url, "m", api_key=SECRET)
     _opened.append(provider)
     with caplog.at_level(logging.DEBUG), pytest.raises(AuthenticationError):
         provider.complete(HELLO)
     assert caplog.records  # httpx did log the request
-    assert not [r for r in caplog.records if "PASSWORD123" in r.getMessage()]
+    assert not [r for r in caplog.records if "PASSWORD123" in r.getMessage()]  # either form
+
+
+def test_a_body_kept_open_holds_no_other_streams_connection(
+    api: Api, server: ScriptedServer
+) -> None:
+    """Each stuck end of a body is read by a thread of its own: the calls of another
+    provider go on, and do not run out of pooled connections behind it."""
+    with ScriptedServer(Reply(chunks=api.hello, keepalive=api.keepalive)) as stuck:
+        assert call_model(api.make(stuck.url), HELLO).text == "Hello"
+        server.script(Reply(chunks=api.hello))
+        provider = api.make(server.url)
+        for _ in range(40):  # more than a pool's connections
+            assert call_model(provider, HELLO).text == "Hello"
