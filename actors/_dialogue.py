@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
@@ -368,15 +369,19 @@ class Dialogue:
         self._closed = True
         wait = self.timeout if timeout is None else timeout
         try:
-            queued = cast(
-                "concurrent.futures.Future[None]",
-                self._ref.ask(("close", reason), timeout=wait),
-            )
+            asked = self._ref.ask(("close", reason), block=False)
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
-        except pykka.Timeout as exc:  # busy: it stops once it has taken the close in
-            with contextlib.suppress(pykka.ActorDeadError):
-                self._ref.stop(block=False)
+        try:
+            queued = cast("concurrent.futures.Future[None]", asked.get(timeout=wait))
+        except pykka.Timeout as exc:  # busy: the close stays queued, and stops it when done
+
+            def stop_once_closed() -> None:
+                with contextlib.suppress(Exception):  # a coordinator that died: stopped
+                    taken = cast("concurrent.futures.Future[None]", asked.get())
+                    taken.add_done_callback(lambda _: self._ref.stop(block=False))
+
+            threading.Thread(target=stop_once_closed, daemon=True).start()
             raise DialogueError(f"the coordinator did not answer within {wait} s") from exc
         try:
             queued.result(wait)

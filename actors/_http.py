@@ -510,6 +510,17 @@ def drain(events: Iterator[ServerSentEvent]) -> None:
     ended.wait(_DRAIN_WAIT)
 
 
+def _forget_drainers() -> None:
+    """In a forked child: the parent's drain threads are not there (nor their work)."""
+    global _idle_drainers, _drains, _drainer_lock  # noqa: PLW0603
+    _idle_drainers = 0
+    _drains = queue.SimpleQueue()
+    _drainer_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_drainers)
+
+
 def _drain_forever() -> None:
     global _idle_drainers  # noqa: PLW0603
     while True:

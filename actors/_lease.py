@@ -85,7 +85,10 @@ def lease(log: LogBase, stream: str) -> Callable[[], None]:
 
 def _forget() -> None:
     """In a forked child: the parent's leases are not the child's (nor are its POSIX
-    locks); the inherited descriptors stay open, as closing them is never safe."""
+    locks); the inherited descriptors stay open, as closing them is never safe. The
+    lock is made anew (a thread of the parent may have held it at the fork)."""
+    global _lock  # noqa: PLW0603
+    _lock = threading.Lock()
     _held.clear()
     _files.clear()
 
