@@ -363,10 +363,10 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
 
 def _check_new_id(stream: str) -> None:
     """Refuse an id the log could not store, before the log is opened."""
-    from moot.store._base import _check_stream_id
+    from moot.store import check_stream_id
 
     try:
-        _check_stream_id(stream)
+        check_stream_id(stream)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
 

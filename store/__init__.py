@@ -6,7 +6,7 @@ it in a Python list with the same behaviour and errors.
 
 from __future__ import annotations
 
-from ._base import LogBase, Subscription
+from ._base import LogBase, Subscription, check_stream_id
 from ._chain import GENESIS, chain_hash
 from ._errors import (
     ConcurrencyError,
@@ -38,4 +38,5 @@ __all__ = [
     "UnknownStreamError",
     "VerifyReport",
     "chain_hash",
+    "check_stream_id",
 ]

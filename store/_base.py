@@ -173,8 +173,9 @@ def _cursor(name: str, value: object) -> int:
     return max(-_MAX_CURSOR, min(value, _MAX_CURSOR))
 
 
-def _check_stream_id(stream: object) -> None:
-    """Refuse, in the caller's thread, a stream id the database could not store.
+def check_stream_id(stream: object) -> None:
+    """Refuse a stream id the database could not store (appends check it in the
+    caller's thread; a program may check an id it is given before anything runs).
 
     Raises:
         ValueError: not a non-empty str, or holds NUL or a lone surrogate.
@@ -340,7 +341,7 @@ class LogBase:
             DatabaseError: the log is closed or read-only.
             StoreError: the database failed to write.
         """
-        _check_stream_id(stream)
+        check_stream_id(stream)
         if expected_seq is not None:
             _cursor("expected_seq", expected_seq)
         if self.readonly:

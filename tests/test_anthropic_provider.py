@@ -410,37 +410,31 @@ def test_a_malformed_event_and_arguments_for_a_non_tool_block() -> None:
         list(mock_provider(streaming([body])).stream(HELLO))
 
 
-def test_tool_use_input_that_is_not_json_is_kept_for_an_error_result() -> None:
-    body = sse(
+def one_tool_call(name: str, partial_json: str, stop_reason: str) -> bytes:
+    """A streamed reply holding one tool_use block whose input is ``partial_json``."""
+    return sse(
         message_start(),
         event(
             "content_block_start",
             index=0,
-            content_block={"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}},
+            content_block={"type": "tool_use", "id": "toolu_1", "name": name, "input": {}},
         ),
-        block_delta(0, type="input_json_delta", partial_json='{"a": tru'),
+        block_delta(0, type="input_json_delta", partial_json=partial_json),
         event("content_block_stop", index=0),
-        event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 5}),
+        event("message_delta", delta={"stop_reason": stop_reason}, usage={"output_tokens": 5}),
         event("message_stop"),
     )
+
+
+def test_tool_use_input_that_is_not_json_is_kept_for_an_error_result() -> None:
+    body = one_tool_call("f", '{"a": tru', "tool_use")
     deltas = list(mock_provider(streaming([body])).stream(HELLO))
     calls = [d.call for d in deltas if isinstance(d, ToolCallComplete)]
     assert calls == [ToolCallBlock(id="toolu_1", name="f", invalid_arguments='{"a": tru')]
 
 
 def test_a_tool_call_cut_at_max_tokens_says_so_as_openai_does() -> None:
-    body = sse(
-        message_start(),
-        event(
-            "content_block_start",
-            index=0,
-            content_block={"type": "tool_use", "id": "toolu_1", "name": "add", "input": {}},
-        ),
-        block_delta(0, type="input_json_delta", partial_json='{"a": 2, "b'),
-        event("content_block_stop", index=0),
-        event("message_delta", delta={"stop_reason": "max_tokens"}, usage={"output_tokens": 9}),
-        event("message_stop"),
-    )
+    body = one_tool_call("add", '{"a": 2, "b', "max_tokens")
     with pytest.raises(MalformedResponseError, match=r"cut off at max_tokens.*'add'"):
         call_model(mock_provider(streaming([body])), HELLO)
 

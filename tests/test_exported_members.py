@@ -27,6 +27,7 @@ EXPECTED = {
         "UnknownStreamError",
         "VerifyReport",
         "chain_hash",
+        "check_stream_id",
     ],
 }
 
