@@ -314,6 +314,9 @@ class LogBase:
     def _close(self) -> None:
         raise NotImplementedError
 
+    def _after_lead(self) -> None:
+        """Called in a leader's thread once it has stepped down (housekeeping)."""
+
     # ------------------------------------------------------------------- append
 
     def append(
@@ -375,6 +378,7 @@ class LogBase:
                 if request.done:
                     return
             self._lead()
+            self._after_lead()
         except BaseException:
             # Interrupted (Ctrl-C) anywhere on the way: nobody may be left waiting for
             # this request, or for a lead it holds.

@@ -111,6 +111,8 @@ class _Tx:
         #: The log's last position and the heads read or written in this transaction.
         self.position = 0
         self.seen: list[StreamInfo] = []
+        #: About how many bytes this transaction adds to the WAL (see EventLog._checkpoint).
+        self.size = 0
 
     def __enter__(self) -> Self:
         # The caller holds the log's write lock (see LogBase._commit_batch).
@@ -137,6 +139,7 @@ class _Tx:
                 log._rollback()
                 raise
             self._known.learn(self.position, self.seen)
+            log._unchecked += self.size
             return
         log._rollback()
         if isinstance(exc, sqlite3.Error):
@@ -190,6 +193,11 @@ class _Tx:
                 raise
         if rows:
             self.position = rows[-1][0]
+            # What a commit adds to the WAL, about: the pages every commit touches (the
+            # stream's head, the (stream, seq) index, the last leaf, ~3.5 pages), and
+            # for each row its data and the rest of its row, counted half again for the
+            # partly filled leaves that successive commits write again.
+            self.size += (sum([len(r[6]) for r in rows]) + 200 * len(rows)) * 3 // 2 + 14336
         self.seen.extend(heads)
         for i in range(0, len(heads), _CHUNK):
             chunk_heads = heads[i : i + _CHUNK]
@@ -255,6 +263,9 @@ class EventLog(LogBase):
             if not readonly:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
+                if not self._memory:
+                    # Checkpoints are run apart from commits (see _checkpoint).
+                    conn.execute("PRAGMA wal_autocheckpoint=0")
         except BaseException:
             conn.close()
             release()
@@ -280,6 +291,10 @@ class EventLog(LogBase):
             self._rlock = threading.RLock()
             self._write_lock = threading.Lock()
         self._known = _Heads()
+        #: Bytes written to the WAL since the last checkpoint (an estimate).
+        self._unchecked = 0
+        self._checkpointing = threading.Lock()
+        self._cconn: sqlite3.Connection | None = None
 
     def __repr__(self) -> str:
         return f"EventLog({self.path!r})"
@@ -404,7 +419,48 @@ class EventLog(LogBase):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")  # nothing was written: ends the read
 
+    #: Checkpoint once about this many bytes are in the WAL (SQLite's default: 1,000 pages).
+    CHECKPOINT_BYTES = 4_096_000
+
+    def _after_lead(self) -> None:
+        if self._memory:
+            return
+        if self._unchecked >= self.CHECKPOINT_BYTES and self._checkpointing.acquire(blocking=False):
+            try:
+                self._checkpoint()
+            finally:
+                self._checkpointing.release()
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL's pages back into the database, on a connection of its own.
+
+        SQLite would do it inside the COMMIT that crosses its threshold, holding up every
+        append of that group commit. Here the leader that has just stepped down does it,
+        its callers already woken: first beside the next leader, which goes on committing
+        (a PASSIVE checkpoint never blocks a writer), then, holding this log's writers
+        off, the few pages they wrote meanwhile, so that the checkpoint is complete and the
+        next commit starts the WAL over (without that pass the WAL grows for as long as
+        appends keep coming). Another process's appends, or a reader in the middle of a
+        transaction, can still keep a checkpoint from completing, as with SQLite's own.
+        """
+        self._unchecked = 0
+        try:
+            if self._cconn is None:
+                if self._closed:
+                    return
+                self._cconn, release = open_held(self.path, readonly=False, timeout=0)
+                self._releases.append(release)
+            conn = self._cconn
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            with self._write_lock:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (sqlite3.Error, DatabaseError):
+            pass  # the appends are committed; the next checkpoint copies their pages
+
     def _close(self) -> None:
+        with self._checkpointing:
+            if self._cconn is not None:
+                self._cconn.close()
         with self._rlock:
             self._rconn.close()
         with self._write_lock:

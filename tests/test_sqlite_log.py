@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,68 @@ def test_a_writer_keeps_a_bounded_number_of_heads(
                 assert len(log._known.streams) <= 4
         assert log.verify().ok
         assert {h.last_seq for h in log.streams()} == {3}
+
+
+def test_the_wal_is_checkpointed_apart_from_commits(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commits only append to the WAL; once about CHECKPOINT_BYTES are there, the leader
+    that steps down copies them into the database file."""
+    monkeypatch.setattr(EventLog, "CHECKPOINT_BYTES", 500_000)
+    with EventLog(db_path) as log:
+        log.append("d", [started()])
+        empty = db_path.stat().st_size
+        for i in range(10):  # ~33 KB of WAL a commit, as the log counts
+            log.append("d", [message(f"{i}/{j} " + "x" * 1000) for j in range(10)])
+        assert db_path.stat().st_size == empty  # nothing checkpointed yet
+        for i in range(10, 20):
+            log.append("d", [message(f"{i}/{j} " + "x" * 1000) for j in range(10)])
+        assert db_path.stat().st_size > empty + 150_000
+        assert log.verify().ok
+        assert log.stream_info("d").last_seq == 201
+
+
+def test_the_wal_starts_over_while_threads_keep_appending(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints run beside the committing threads, yet each one completes: the WAL
+    file stays a few thresholds long instead of holding every commit."""
+    monkeypatch.setattr(EventLog, "CHECKPOINT_BYTES", 100_000)
+    with EventLog(db_path) as log:
+        for t in range(8):
+            log.append(f"s{t}", [started()])
+
+        def work(t: int) -> None:
+            for i in range(40):
+                log.append(f"s{t}", [message(f"{t}/{i}/{j} " + "y" * 800) for j in range(5)])
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(work, range(8)))
+        wal = Path(f"{db_path}-wal").stat().st_size
+        assert db_path.stat().st_size > 8 * 40 * 5 * 800  # checkpointed into the file
+        assert wal < 1_000_000  # ~5 MB went through it
+        assert log.verify().ok
+        assert [log.stream_info(f"s{t}").last_seq for t in range(8)] == [201] * 8
+
+
+def test_a_reader_keeps_its_snapshot_across_checkpoints(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(EventLog, "CHECKPOINT_BYTES", 100_000)
+    with EventLog(db_path) as log:
+        log.append("d", [started()])
+        reader = sqlite3.connect(db_path, isolation_level=None)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)
+        for i in range(20):  # several thresholds' worth
+            log.append("d", [message(f"{i}/{j} " + "y" * 800) for j in range(10)])
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (1,)
+        reader.execute("COMMIT")
+        assert reader.execute("SELECT count(*) FROM events").fetchone() == (201,)
+        reader.close()
+        log.append("d", [message("z" * 200_000)])  # over the threshold again
+        assert db_path.stat().st_size > 200 * 800 + 200_000  # all of it in the file now
+        assert log.verify().ok
 
 
 CRASHER = """
