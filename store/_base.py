@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Self
 import msgspec
 
 from moot.events import (
+    EVENT_TYPES,
     STATUS_EVENTS,
     DialogueEvent,
     DialogueStarted,
@@ -60,6 +61,19 @@ __all__ = ["LogBase", "StaleHeads", "Subscription", "Transaction"]
 _DIALOGUE_TYPES = frozenset(cls.__name__ for cls in typing.get_args(DialogueEvent))
 _FIRST_TYPES = frozenset(("DialogueStarted", "LoopStarted"))
 _STATUS_NAMES = frozenset(cls.__name__ for cls in STATUS_EVENTS)
+
+#: Per event type: (name, version, whether a dialogue event, whether a first event,
+#: whether it moves the stream's status), looked up once per appended event.
+_TYPE_FACTS = {
+    cls: (
+        name,
+        cls.version,
+        name in _DIALOGUE_TYPES,
+        name in _FIRST_TYPES,
+        cls in STATUS_EVENTS,
+    )
+    for name, cls in EVENT_TYPES.items()
+}
 
 _PAGE = 1000
 #: Commits a leader may do in a row before handing the lead to a waiting caller.
@@ -113,21 +127,14 @@ class _Append:
         self.stream = stream
         self.events = events
         self.prepared: list[tuple[str, int, str, Hasher, bool]] = []
+        add = self.prepared.append
         dialogue = starts = 0
         for event in events:
-            data = encode_checked(event)
-            name = type(event).__name__
-            dialogue += name in _DIALOGUE_TYPES
-            starts += name in _FIRST_TYPES
-            self.prepared.append(
-                (
-                    name,
-                    event.version,
-                    data.decode(),
-                    body_hasher(key, data),
-                    type(event) in STATUS_EVENTS,
-                )
-            )
+            data = encode_checked(event)  # raises unless it is one of the log's events
+            name, version, in_dialogue, first, moves = _TYPE_FACTS[type(event)]
+            dialogue += in_dialogue
+            starts += first
+            add((name, version, data.decode(), body_hasher(key, data), moves))
         #: How many of the events are dialogue events (the rest are tool-loop events),
         #: and how many are first events: the leader checks that they fit the stream
         #: from these, without a loop of its own.
