@@ -350,6 +350,8 @@ class _Engine:
         self.commands: list[_Command] = []
         self.ask_reason: str | None = None
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: The tool-call ids in the first n messages of the history (see _unique_ids).
+        self.call_ids: tuple[int, set[str]] = (0, set())
 
     @property
     def state(self) -> LoopState:
@@ -778,16 +780,24 @@ class _Engine:
 
     def _unique_ids(self, calls: list[ToolCallBlock]) -> list[ToolCallBlock]:
         """Tool-call ids unique within the stream (servers may repeat or omit them)."""
+        # The history only grows (masking rewrites tool results, never calls): the ids
+        # are collected from the messages added since the last call, not all of them.
         history = self.state.messages
-        seen = {b.id for m in history for b in m.content if isinstance(b, ToolCallBlock)}
+        scanned, seen = self.call_ids
+        if scanned > len(history):
+            scanned, seen = 0, set()
+        for m in history[scanned:]:
+            seen.update(b.id for b in m.content if isinstance(b, ToolCallBlock))
+        self.call_ids = (len(history), seen)
+        taken: set[str] = set()
         out = []
         for i, call in enumerate(calls):
             fixed, n = call, 0
-            while not fixed.id or fixed.id in seen:  # the made-up id may be taken too
+            while not fixed.id or fixed.id in seen or fixed.id in taken:  # made-up ones too
                 suffix = f"_{n}" if n else ""
                 fixed = msgspec.structs.replace(call, id=f"call_{self.state.iteration}_{i}{suffix}")
                 n += 1
-            seen.add(fixed.id)
+            taken.add(fixed.id)
             out.append(fixed)
         return out
 

@@ -40,6 +40,8 @@ __all__ = ["ScriptedCall", "ScriptedProvider", "ScriptedReply"]
 #: can count the calls made across processes (and crashes).
 CALL_LOG_ENV = "MOOT_SCRIPTED_CALL_LOG"
 
+_json = msgspec.json.Encoder()
+
 
 class ScriptedCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A tool call a scripted reply asks for."""
@@ -184,8 +186,10 @@ def _deltas(index: int, reply: ScriptedReply, request: ModelRequest) -> Iterator
         yield ToolCallComplete(
             index=i, call=ToolCallBlock(id=call_id, name=call.name, arguments=call.arguments)
         )
-    prompt = sum(len(str(m)) for m in request.messages) + len(request.system or "")
-    output = len(reply.text or "") + sum(len(str(c.arguments)) for c in reply.tool_calls)
+    # About four bytes of JSON a token; one encoding of the whole history, not one repr
+    # per message (a long loop asks every iteration).
+    prompt = len(_json.encode(request.messages)) + len(request.system or "")
+    output = len(reply.text or "") + sum(len(_json.encode(c.arguments)) for c in reply.tool_calls)
     yield UsageDelta(
         usage=Usage(input_tokens=max(1, prompt // 4), output_tokens=max(1, output // 4))
     )

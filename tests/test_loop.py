@@ -1180,6 +1180,17 @@ def test_repeated_call_ids_are_made_unique_even_against_made_up_ones(log: LogBas
     assert [b.tool_call_id for b in answered] == ids  # type: ignore[union-attr]
 
 
+def test_a_call_id_the_server_repeats_every_iteration_is_made_unique_each_time(
+    log: LogBase,
+) -> None:
+    again = ScriptedReply(tool_calls=(ScriptedCall("add", {"a": 1, "b": 2}, id="call_x"),))
+    run = Run(log, [again, again, again, text("done")])
+    assert run.result().text == "done"
+    ids = [e.call_id for e in run.events(ToolExecutionEnd)]
+    assert ids[0] == "call_x" and len(set(ids)) == 3
+    assert run.replay() == run.state()
+
+
 def test_modify_to_empty_arguments_runs_with_empty_arguments(log: LogBase) -> None:
     seen: list[dict[str, Any]] = []
 
