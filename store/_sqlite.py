@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import os
 import sqlite3
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
@@ -40,6 +42,26 @@ _HEAD_COLUMNS = (
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
 #: Rows per INSERT statement: 9 parameters each, within SQLite's limit of 32,766.
 _CHUNK = 1000
+#: A row's ``data`` (see _COLUMNS).
+_DATA = operator.itemgetter(6)
+#: SQLite's own checkpoint inside a commit, left as a backstop only (see _checkpoint):
+#: 10,000 pages, ten times its default.
+_BACKSTOP_PAGES = 10_000
+
+#: Open file logs, so that a forked child can forget their checkpoint state.
+_LOGS: weakref.WeakSet[EventLog] = weakref.WeakSet()
+
+
+def _forget_checkpoints() -> None:
+    """In a forked child: a checkpoint running in the parent (in a thread the child
+    does not have) must not leave its lock held, and the inherited connection is the
+    parent's to close."""
+    for log in list(_LOGS):
+        log._checkpointing = threading.Lock()
+        log._cconn = None
+
+
+os.register_at_fork(after_in_child=_forget_checkpoints)
 
 
 @functools.lru_cache(maxsize=64)
@@ -197,7 +219,8 @@ class _Tx:
             # stream's head, the (stream, seq) index, the last leaf, ~3.5 pages), and
             # for each row its data and the rest of its row, counted half again for the
             # partly filled leaves that successive commits write again.
-            self.size += (sum([len(r[6]) for r in rows]) + 200 * len(rows)) * 3 // 2 + 14336
+            data = sum([len(d) if d.isascii() else len(d.encode()) for d in map(_DATA, rows)])
+            self.size += (data + 200 * len(rows)) * 3 // 2 + 14336
         self.seen.extend(heads)
         for i in range(0, len(heads), _CHUNK):
             chunk_heads = heads[i : i + _CHUNK]
@@ -265,7 +288,7 @@ class EventLog(LogBase):
                 conn.execute(f"PRAGMA synchronous={synchronous}")
                 if not self._memory:
                     # Checkpoints are run apart from commits (see _checkpoint).
-                    conn.execute("PRAGMA wal_autocheckpoint=0")
+                    conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
         except BaseException:
             conn.close()
             release()
@@ -295,6 +318,8 @@ class EventLog(LogBase):
         self._unchecked = 0
         self._checkpointing = threading.Lock()
         self._cconn: sqlite3.Connection | None = None
+        if not (self._memory or readonly):
+            _LOGS.add(self)
 
     def __repr__(self) -> str:
         return f"EventLog({self.path!r})"
@@ -440,22 +465,30 @@ class EventLog(LogBase):
         (a PASSIVE checkpoint never blocks a writer), then, holding this log's writers
         off, the few pages they wrote meanwhile, so that the checkpoint is complete and the
         next commit starts the WAL over (without that pass the WAL grows for as long as
-        appends keep coming). Another process's appends, or a reader in the middle of a
-        transaction, can still keep a checkpoint from completing, as with SQLite's own.
+        appends keep coming). A reader inside a transaction, or another process's
+        appends, can keep it from completing; it is then tried again after another
+        eighth of the threshold. SQLite's own checkpoint stays on as a backstop, at ten
+        times its usual size.
         """
         self._unchecked = 0
+        complete = False
         try:
             if self._cconn is None:
                 if self._closed:
                     return
-                self._cconn, release = open_held(self.path, readonly=False, timeout=0)
+                # The resolved path: the working directory may have changed since.
+                path = self.realpath or self.path
+                self._cconn, release = open_held(path, readonly=False, timeout=0)
                 self._releases.append(release)
             conn = self._cconn
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             with self._write_lock:
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            complete = not busy and frames == copied
         except (sqlite3.Error, DatabaseError):
-            pass  # the appends are committed; the next checkpoint copies their pages
+            pass  # the appends are committed; a later checkpoint copies their pages
+        if not complete:
+            self._unchecked = self.CHECKPOINT_BYTES - self.CHECKPOINT_BYTES // 8
 
     def _close(self) -> None:
         with self._checkpointing:
