@@ -18,7 +18,8 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+import queue
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import pykka
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
     from ._agents import Agent
 
-__all__ = ["MODERATOR", "Coordinator", "StartTurn"]
+__all__ = ["MODERATOR", "Ask", "Coordinator", "StartTurn"]
 
 logger = logging.getLogger("moot.actors.coordinator")
 
@@ -81,6 +82,15 @@ class StartTurn(msgspec.Struct, frozen=True):
 
     inputs: tuple[DialogueMessage, ...] | None
     channel: Channel
+
+
+class Ask(NamedTuple):
+    """A request from the Dialogue facade; the coordinator settles ``reply`` (with the
+    answer, or the action's outcome once it has run), whoever waits for it and however."""
+
+    what: str
+    args: tuple[Any, ...]
+    reply: concurrent.futures.Future[Any]
 
 
 class _Flush(msgspec.Struct, frozen=True):
@@ -143,7 +153,7 @@ class Coordinator(pykka.ThreadingActor):
         self._roster: tuple[int, tuple[ParticipantInfo, ...]] = (-1, ())
         self._draining_queue = False
         self._queued: collections.deque[
-            tuple[Callable[[], None], concurrent.futures.Future[None], Channel | None]
+            tuple[Callable[[], None], concurrent.futures.Future[Any], Channel | None]
         ] = collections.deque()
 
     # ------------------------------------------------------------- lifecycle
@@ -164,7 +174,19 @@ class Coordinator(pykka.ThreadingActor):
             _, future, channel = self._queued.popleft()
             if channel is not None:
                 channel.failed(str(stopped))
-            future.set_exception(stopped)
+            _settle_future(future, error=stopped)
+        # Requests told but not yet received: pykka drops told messages when an actor
+        # stops, and whoever waits on them would wait for ever.
+        inbox = self.actor_inbox
+        unread = []
+        if isinstance(inbox, queue.Queue):  # a ThreadingActor's inbox
+            with inbox.mutex:
+                unread = [envelope.message for envelope in inbox.queue]
+        for message in unread:
+            if isinstance(message, StartTurn):
+                message.channel.failed(str(stopped))
+            elif isinstance(message, Ask):
+                _settle_future(message.reply, error=stopped)
         agents = [*self._agents.values(), *([self._moderator] if self._moderator else [])]
         for agent in agents:  # an agent blocked in a wait of its own (a loop paused for
             interrupt = getattr(agent, "interrupt", None)  # approval) gives it up
@@ -225,30 +247,31 @@ class Coordinator(pykka.ThreadingActor):
                     self._flush_told = True
                     self.actor_ref.tell(_Flush())
             case StartTurn():
-                self._when_idle(lambda: self._start(message), message.channel)
-            case ("join", ParticipantInfo() as info, JoiningStrategy() as strategy, agent):
-                return self._when_idle(lambda: self._join(info, strategy, agent))
-            case ("remove", str(name)):
-                return self._when_idle(lambda: self._remove(name))
-            case ("close", str(reason)):
-                return self._when_idle(lambda: self._close(reason))
-            case "state":
-                return msgspec.convert(msgspec.to_builtins(self.state), DialogueState)
-            case "busy":
-                return self._run is not None
+                turn = concurrent.futures.Future[None]()  # its outcome goes to its channel
+                self._when_idle(lambda: self._start(message), turn, message.channel)
+            case Ask("join", (ParticipantInfo() as info, JoiningStrategy() as how, agent), reply):
+                self._when_idle(lambda: self._join(info, how, agent), reply)
+            case Ask("remove", (str(name),), reply):
+                self._when_idle(lambda: self._remove(name), reply)
+            case Ask("close", (str(reason),), reply):
+                self._when_idle(lambda: self._close(reason), reply)
+            case Ask("state", (), reply):
+                copy = msgspec.convert(msgspec.to_builtins(self.state), DialogueState)
+                _settle_future(reply, value=copy)
             case _:
                 raise DialogueError(f"coordinator got an unknown message {message!r}")
         return None
 
     def _when_idle(
-        self, action: Callable[[], None], channel: Channel | None = None
-    ) -> concurrent.futures.Future[None]:
+        self,
+        action: Callable[[], None],
+        future: concurrent.futures.Future[Any],
+        channel: Channel | None = None,
+    ) -> None:
         """Run ``action`` now if no turn is in progress, else once it ends (turns never
         overlap). The future tells the caller how it went, whenever that is."""
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._queued.append((action, future, channel))
         self._run_queued()
-        return future
 
     def _run_queued(self) -> None:
         if self._draining_queue:  # an action that ends at once comes back here: let the
@@ -266,9 +289,9 @@ class Coordinator(pykka.ThreadingActor):
                 action()
             except Exception as exc:  # noqa: BLE001  routed to whoever asked
                 self._abort(exc, channel)
-                future.set_exception(exc)
+                _settle_future(future, error=exc)
             else:
-                future.set_result(None)
+                _settle_future(future)
 
     def _guarded(self, step: Callable[[], None]) -> None:
         """Run a step of a turn; if it fails, fail the turn rather than the coordinator."""
@@ -578,7 +601,11 @@ class Coordinator(pykka.ThreadingActor):
         tell, self._after_commit = self._after_commit, []  # dropped if the commit fails
         self._commit()
         for ref, payload in tell:
-            ref.tell(payload)
+            try:
+                ref.tell(payload)
+            except pykka.ActorDeadError:
+                name = payload.participant.name
+                raise DialogueError(f"participant {name!r} has stopped") from None
         if recorded:
             run.channel.replies([_reply(run.turn, seq, event) for seq, event in recorded])
         if over:
@@ -612,7 +639,10 @@ class Coordinator(pykka.ThreadingActor):
             seqs=seqs,
             context=_MODERATOR_BRIEF,
         )
-        self._actors[MODERATOR].tell(payload)
+        try:
+            self._actors[MODERATOR].tell(payload)
+        except pykka.ActorDeadError:
+            raise DialogueError("the moderator has stopped") from None
 
     def _moderated(self, run: _Run, outcome: Outcome) -> None:
         """Open the turn as the moderator chose, or record that it failed to choose."""
@@ -681,6 +711,18 @@ class Coordinator(pykka.ThreadingActor):
             if not run.running:
                 self._next_in_chain(run)
         self._settle(run, [])
+
+
+def _settle_future(
+    future: concurrent.futures.Future[Any], value: Any = None, error: BaseException | None = None
+) -> None:
+    """Tell whoever waits how a request went (unless they gave up waiting: cancelled)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
 
 
 def _reply(turn: int, seq: int, event: Event) -> TurnReply:

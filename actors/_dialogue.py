@@ -15,13 +15,14 @@ Calls on a :class:`Dialogue` are thread-safe; they talk to the coordinator actor
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Self, TypeVar
 
 import msgspec
 import pykka
@@ -42,7 +43,7 @@ from moot.events import (
 
 from ._agents import Agent, AgentMemory
 from ._context import render_context
-from ._coordinator import MODERATOR, Coordinator, StartTurn
+from ._coordinator import MODERATOR, Ask, Coordinator, StartTurn
 from ._decide import MENTION_STRATEGIES, REACTIONS, validate_order
 from ._errors import DialogueError
 from ._lease import StreamBusy, lease
@@ -54,6 +55,13 @@ if TYPE_CHECKING:
     from moot.store import LogBase
 
 __all__ = ["Dialogue", "Input", "Participant", "new_stream_id"]
+
+_TURN_IN_PROGRESS = "the turn in progress did not end within {wait} s"
+_NO_ANSWER = "the coordinator did not answer within {wait} s"
+_CLOSE_QUEUED = (
+    "the turn in progress did not end within {wait} s; the dialogue closes when it does "
+    "(stop() to give it up)"
+)
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,24 @@ class Dialogue:
     Create one with :meth:`create`, or pick up an unfinished one with :meth:`resume`.
     """
 
-    def __init__(self, log: LogBase, stream: str, ref: pykka.ActorRef[Any], timeout: float) -> None:
+    def __init__(
+        self,
+        log: LogBase,
+        stream: str,
+        ref: pykka.ActorRef[Any],
+        timeout: float,
+        stopped: threading.Event,
+    ) -> None:
         self.log = log
         self.stream = stream
         self._ref = ref
+        #: Set once the coordinator has stopped its participants and given the lease back.
+        self._stopped = stopped
         self.timeout = timeout
         self._closed = False
+        self._lock = threading.Lock()
+        #: The close under way, once asked for.
+        self._closing: concurrent.futures.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Dialogue {self.stream}>"
@@ -196,7 +216,8 @@ class Dialogue:
         state = log.replay(stream)
         assert isinstance(state, DialogueState)
         agents = {p.name: p.agent for p in participants}
-        release = _lease(log, stream)
+        stopped = threading.Event()
+        release = _signalling(_lease(log, stream), stopped)
         try:
             ref = Coordinator.start(
                 log,
@@ -210,7 +231,7 @@ class Dialogue:
         except BaseException:
             release()
             raise
-        return cls(log, stream, ref, timeout)
+        return cls(log, stream, ref, timeout, stopped)
 
     @classmethod
     def resume(
@@ -234,9 +255,13 @@ class Dialogue:
             DialogueError: the stream is not a dialogue, is closed, or a participant
                 has no agent.
         """
-        release = _lease(log, stream)  # one driver per stream, also across processes
+        stopped = threading.Event()
+        # One driver per stream, also across processes.
+        release = _signalling(_lease(log, stream), stopped)
         try:
-            return cls._resume(log, stream, agents, moderator, mention_strategy, timeout, release)
+            return cls._resume(
+                log, stream, agents, moderator, mention_strategy, timeout, release, stopped
+            )
         except BaseException:
             release()
             raise
@@ -251,6 +276,7 @@ class Dialogue:
         mention_strategy: str | None,
         timeout: float,
         release: Callable[[], None],
+        stopped: threading.Event,
     ) -> Dialogue:
         state = log.replay(stream)  # read once the lease is ours
         if not isinstance(state, DialogueState):
@@ -279,7 +305,7 @@ class Dialogue:
             mention_strategy=strategy,
             release=release,
         )
-        return cls(log, stream, ref, timeout)
+        return cls(log, stream, ref, timeout, stopped)
 
     # --------------------------------------------------------------- talking
 
@@ -315,43 +341,75 @@ class Dialogue:
         return Session(channel)
 
     def run(self, *inputs: str | Input, timeout: float | None = None) -> list[TurnReply]:
-        """Run one turn and return all its replies, in the turn's yield order."""
+        """Run one turn and return all its replies, in the turn's yield order.
+
+        Raises:
+            TimeoutError: the turn did not end within ``timeout`` seconds (it goes on,
+                and its replies are recorded).
+        """
         return self.session(*inputs).all(timeout)
 
     async def run_async(
         self, *inputs: str | Input, timeout: float | None = None
     ) -> list[TurnReply]:
         """:meth:`run` for asyncio: never blocks the event loop."""
-        session = self.session(*inputs)
-        out = []
-        while (reply := await session.next_turn_async(timeout)) is not None:
-            out.append(reply)
-        return out
+        return await self.session(*inputs).all_async(timeout)
 
     # ------------------------------------------------------------ membership
 
-    def join(self, participant: Participant, strategy: JoiningStrategy | None = None) -> None:
+    def join(
+        self,
+        participant: Participant,
+        strategy: JoiningStrategy | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
         """Add a participant; on its first turn it gets history per ``strategy``.
 
         The default strategy is ``JoiningStrategy.recent()`` (the last 5 turns).
-        Waits for a turn in progress to end first. If that takes longer than the
-        dialogue's ``timeout``, a DialogueError says so; the join stays queued and
-        happens when the turn ends.
+        Waits for a turn in progress to end first. If that takes longer than
+        ``timeout`` (default: the dialogue's), a DialogueError says so; the join stays
+        queued and happens when the turn ends.
         """
+        self._wait(self._join(participant, strategy), timeout)
+
+    async def join_async(
+        self,
+        participant: Participant,
+        strategy: JoiningStrategy | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """:meth:`join` for asyncio: waits without blocking the event loop (a join given
+        up, by a timeout or a cancelled task, stays queued)."""
+        await self._wait_async(self._join(participant, strategy), timeout)
+
+    def _join(
+        self, participant: Participant, strategy: JoiningStrategy | None
+    ) -> concurrent.futures.Future[Any]:
         strategy = _checked(strategy or JoiningStrategy.recent())
         info = _checked(participant.info)
-        self._wait(self._ask(("join", info, strategy, participant.agent)))
+        return self._send("join", info, strategy, participant.agent)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, timeout: float | None = None) -> None:
         """Remove a participant (after a turn in progress ends; as with :meth:`join`, a
         removal that times out waiting stays queued)."""
-        self._wait(self._ask(("remove", name)))
+        self._wait(self._send("remove", name), timeout)
+
+    async def remove_async(self, name: str, *, timeout: float | None = None) -> None:
+        """:meth:`remove` for asyncio: waits without blocking the event loop."""
+        await self._wait_async(self._send("remove", name), timeout)
 
     # --------------------------------------------------------------- looking
 
     def state(self) -> DialogueState:
         """A copy of the live state (equal to ``log.replay(stream)`` between turns)."""
-        state: DialogueState = self._ask("state")
+        state: DialogueState = self._wait(self._send("state"), busy=_NO_ANSWER)
+        return state
+
+    async def state_async(self) -> DialogueState:
+        """:meth:`state` for asyncio: waits without blocking the event loop."""
+        state: DialogueState = await self._wait_async(self._send("state"), busy=_NO_ANSWER)
         return state
 
     # --------------------------------------------------------------- closing
@@ -362,73 +420,108 @@ class Dialogue:
         If the turn in progress does not end within ``timeout`` (default: the
         dialogue's), a DialogueError says so; the close stays queued, as with
         :meth:`join`: the turn's replies are recorded, then the close, and the actors
-        stop then.
+        stop then. A second call (from any thread) waits for the same close.
         """
-        if self._closed:
+        closing = self._closing_future(reason)
+        if closing is None:
             return
-        self._closed = True
         wait = self.timeout if timeout is None else timeout
         try:
-            asked = self._ref.ask(("close", reason), block=False)
-        except pykka.ActorDeadError as exc:
-            raise DialogueError("the dialogue's coordinator has stopped") from exc
-        try:
-            queued = cast("concurrent.futures.Future[None]", asked.get(timeout=wait))
-        except pykka.Timeout as exc:  # busy: the close stays queued, and stops it when done
+            self._wait(closing, wait, busy=_CLOSE_QUEUED)
+        finally:
+            if closing.done():  # closed, or the close failed: nothing is left to wait for
+                self._stop_actors(wait)
 
-            def stop_once_closed() -> None:
-                with contextlib.suppress(Exception):  # a coordinator that died: stopped
-                    taken = cast("concurrent.futures.Future[None]", asked.get())
-                    taken.add_done_callback(lambda _: self._ref.stop(block=False))
-
-            threading.Thread(target=stop_once_closed, daemon=True).start()
-            raise DialogueError(f"the coordinator did not answer within {wait} s") from exc
+    async def close_async(self, reason: str = "closed", *, timeout: float | None = None) -> None:
+        """:meth:`close` for asyncio: waits without blocking the event loop."""
+        closing = self._closing_future(reason)
+        if closing is None:
+            return
+        wait = self.timeout if timeout is None else timeout
         try:
-            queued.result(wait)
-        except concurrent.futures.TimeoutError as exc:
-            queued.add_done_callback(lambda _: self._ref.stop(block=False))
-            raise DialogueError(
-                f"the turn in progress did not end within {wait} s; the dialogue closes "
-                "when it does (stop() to give it up)"
-            ) from exc
-        except BaseException:  # the close itself failed: nothing is left to wait for
-            self._stop_actors(wait)
-            raise
-        self._stop_actors(wait)
+            await self._wait_async(closing, wait, busy=_CLOSE_QUEUED)
+        finally:
+            if closing.done():
+                await asyncio.to_thread(self._stop_actors, wait)
+
+    def _closing_future(self, reason: str) -> concurrent.futures.Future[Any] | None:
+        """The close under way (asked for now if it is the first call), or None if this
+        object was stopped without a close."""
+        with self._lock:
+            if self._closing is None:
+                if self._closed:  # stop() came first
+                    return None
+                try:
+                    self._closing = self._send("close", reason)
+                finally:
+                    self._closed = True
+                # However long the callers wait, the actors stop once the close is
+                # recorded (or has failed): in the coordinator's thread, without blocking.
+                self._closing.add_done_callback(lambda _: _stop_soon(self._ref))
+            return self._closing
 
     def _stop_actors(self, wait: float | None) -> None:
-        with contextlib.suppress(pykka.ActorDeadError, pykka.Timeout):
-            self._ref.stop(timeout=wait)
+        """Stop the coordinator (if nobody has yet) and wait until it has stopped its
+        participants and given the stream back."""
+        _stop_soon(self._ref)
+        self._stopped.wait(wait)
 
     def stop(self) -> None:
         """Stop the actors without recording a close (the dialogue stays open); also
         after a :meth:`close` that timed out, to give up the turn it waits for."""
         self._closed = True
+        stuck = DialogueError(f"the dialogue's actors did not stop within {self.timeout} s")
         if self._ref.is_alive():
             try:
                 self._ref.stop(timeout=self.timeout)
             except pykka.Timeout as exc:  # an agent still busy: its actor stops after it
-                raise DialogueError(
-                    f"the dialogue's actors did not stop within {self.timeout} s"
-                ) from exc
+                raise stuck from exc
             except pykka.ActorDeadError:
-                pass  # stopped already
+                pass  # stopping already (a close that ended, say): wait for it below
+        if not self._stopped.wait(self.timeout):
+            raise stuck
 
-    def _ask(self, message: Any) -> Any:
+    async def stop_async(self) -> None:
+        """:meth:`stop` for asyncio (the actors are stopped from a worker thread)."""
+        await asyncio.to_thread(self.stop)
+
+    def _send(self, what: str, *args: Any) -> concurrent.futures.Future[Any]:
+        """Tell the coordinator a request; the future is settled when it has run."""
         self._check_open()
+        reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
         try:
-            return self._ref.ask(message, timeout=self.timeout)
+            self._ref.tell(Ask(what, args, reply))
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
+        return reply
 
-    def _wait(self, future: Any, timeout: float | None = None) -> None:
-        """Wait for an action the coordinator runs once the turn in progress ends
-        (``future`` is the ``concurrent.futures.Future`` its ask returned)."""
+    def _wait(
+        self,
+        future: concurrent.futures.Future[Any],
+        timeout: float | None = None,
+        *,
+        busy: str = _TURN_IN_PROGRESS,
+    ) -> Any:
+        """The request's answer, waiting at most ``timeout`` (default: the dialogue's)."""
         wait = self.timeout if timeout is None else timeout
         try:
-            future.result(wait)
+            return future.result(wait)
         except concurrent.futures.TimeoutError as exc:
-            raise DialogueError(f"the turn in progress did not end within {wait} s") from exc
+            raise DialogueError(busy.format(wait=wait)) from exc
+
+    async def _wait_async(
+        self,
+        future: concurrent.futures.Future[Any],
+        timeout: float | None = None,
+        *,
+        busy: str = _TURN_IN_PROGRESS,
+    ) -> Any:
+        wait = self.timeout if timeout is None else timeout
+        try:
+            # shield: giving up waiting must not cancel the request (it stays queued)
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), wait)
+        except TimeoutError as exc:
+            raise DialogueError(busy.format(wait=wait)) from exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -439,6 +532,29 @@ class Dialogue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close_async()
+
+
+def _signalling(release: Callable[[], None], stopped: threading.Event) -> Callable[[], None]:
+    """``release``, then ``stopped`` set: the coordinator calls it last when it stops."""
+
+    def released() -> None:
+        try:
+            release()
+        finally:
+            stopped.set()
+
+    return released
+
+
+def _stop_soon(ref: pykka.ActorRef[Any]) -> None:
+    with contextlib.suppress(pykka.ActorDeadError):
+        ref.stop(block=False)
 
 
 def _lease(log: LogBase, stream: str) -> Callable[[], None]:

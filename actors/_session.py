@@ -22,7 +22,7 @@ from moot.events import DialogueMessage, Error
 from ._errors import DialogueError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
 __all__ = ["Channel", "Session", "TurnReply"]
 
@@ -170,6 +170,7 @@ class Session:
         self._all_in = False
         self.reacted = True
         self.replies: list[TurnReply] = []
+        self._reading = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Session turn={self.turn} speakers={self.speakers} finished={self._finished}>"
@@ -185,32 +186,52 @@ class Session:
             TimeoutError: nothing could be yielded within ``timeout`` seconds.
             DialogueError: the turn could not run (e.g. the moderator failed).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._closed:
-            ready = self._ready()
-            if ready is not None or self._finished:
-                return ready
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            item = self._channel.get(remaining)
-            if item is None:
-                raise TimeoutError(f"no reply of turn {self.turn} within {timeout} s")
-            self._take(item)
-        return None
+        with self._reader():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not self._closed:
+                ready = self._ready()
+                if ready is not None or self._finished:
+                    return ready
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                item = self._channel.get(remaining)
+                if item is None:
+                    raise self._timed_out(timeout)
+                self._take(item)
+            return None
 
     async def next_turn_async(self, timeout: float | None = None) -> TurnReply | None:
         """Like :meth:`next_turn`, for asyncio: waits without blocking the event loop."""
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while not self._closed:
-            ready = self._ready()
-            if ready is not None or self._finished:
-                return ready
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            item = await self._channel.get_async(remaining)
-            if item is None:
-                raise TimeoutError(f"no reply of turn {self.turn} within {timeout} s")
-            self._take(item)
-        return None
+        with self._reader():
+            deadline = None if timeout is None else loop.time() + timeout
+            while not self._closed:
+                ready = self._ready()
+                if ready is not None or self._finished:
+                    return ready
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                item = await self._channel.get_async(remaining)
+                if item is None:
+                    raise self._timed_out(timeout)
+                self._take(item)
+            return None
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[None]:
+        """One reader at a time: two would each take items the other needs."""
+        if not self._reading.acquire(blocking=False):
+            raise DialogueError(
+                "this session is being read elsewhere (a session has one reader; "
+                "close() it from another thread or task to stop that reader)"
+            )
+        try:
+            yield
+        finally:
+            self._reading.release()
+
+    def _timed_out(self, timeout: float | None) -> TimeoutError:
+        if self.turn is None:
+            return TimeoutError(f"the turn did not start within {timeout} s")
+        return TimeoutError(f"no reply of turn {self.turn} within {timeout} s")
 
     def _take(self, item: Item) -> None:
         match item:
@@ -267,11 +288,42 @@ class Session:
             yield reply
 
     def all(self, timeout: float | None = None) -> list[TurnReply]:
-        """Every remaining reply of the turn, in order."""
-        out = []
-        while (reply := self.next_turn(timeout)) is not None:
+        """Every remaining reply of the turn, in order.
+
+        Raises:
+            TimeoutError: the turn did not end within ``timeout`` seconds (the turn goes
+                on; the replies yielded so far are in :attr:`replies`).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out: list[TurnReply] = []
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                reply = self.next_turn(remaining)
+            except TimeoutError:
+                raise self._turn_timed_out(timeout) from None
+            if reply is None:
+                return out
             out.append(reply)
-        return out
+
+    async def all_async(self, timeout: float | None = None) -> list[TurnReply]:
+        """:meth:`all` for asyncio: waits without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        out: list[TurnReply] = []
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                reply = await self.next_turn_async(remaining)
+            except TimeoutError:
+                raise self._turn_timed_out(timeout) from None
+            if reply is None:
+                return out
+            out.append(reply)
+
+    def _turn_timed_out(self, timeout: float | None) -> TimeoutError:
+        what = "the turn" if self.turn is None else f"turn {self.turn}"
+        return TimeoutError(f"{what} did not end within {timeout} s")
 
     def close(self) -> None:
         """Stop reading: nothing more is yielded, also to a reader waiting now (in

@@ -89,18 +89,18 @@ def test_membership_changes_wait_for_the_turn_and_report_errors(
 
     log = MemoryEventLog()
     d = Dialogue.create(log, participants=[Participant("a", CallableAgent(slow))])
-    # Dialogue.join/remove ask the coordinator, which answers with a future at once and
-    # settles it when the change has run; note each future as the coordinator hands it.
+    # Dialogue.join/remove tell the coordinator a request with a future, which it
+    # settles when the change has run; note each future as it is sent.
     held: queue.Queue[tuple[str, concurrent.futures.Future[None]]] = queue.Queue()
-    ask = d._ask
+    send = d._send
 
-    def noting(message: Any) -> Any:
-        answer = ask(message)
-        if isinstance(message, tuple) and message[0] in ("join", "remove"):
-            held.put((message[0], answer))
-        return answer
+    def noting(what: str, *args: Any) -> Any:
+        future = send(what, *args)
+        if what in ("join", "remove"):
+            held.put((what, future))
+        return future
 
-    monkeypatch.setattr(d, "_ask", noting)
+    monkeypatch.setattr(d, "_send", noting)
     session = d.session("go")
     assert running.wait(T)  # the turn is in progress, held by a's gate
     outcome: dict[str, object] = {}
@@ -118,9 +118,10 @@ def test_membership_changes_wait_for_the_turn_and_report_errors(
     threads = [threading.Thread(target=remove_nobody), threading.Thread(target=join_b)]
     for t in threads:
         t.start()
-    futures = dict(held.get(timeout=T) for _ in threads)  # both held by the coordinator
+    futures = dict(held.get(timeout=T) for _ in threads)
     assert sorted(futures) == ["join", "remove"]
-    # ...which waits for the turn in progress: neither has run, nothing is on record.
+    # The coordinator has both (state() is answered after them) and waits for the turn
+    # in progress: neither has run, nothing is on record.
     assert not any(f.done() for f in futures.values())
     assert all(t.is_alive() for t in threads) and outcome == {}
     recorded = [type(r.event).__name__ for r in log.read(d.stream)]
