@@ -8,6 +8,8 @@ Read-only commands open the database read-only and never change it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -29,6 +31,19 @@ __all__ = ["cli", "main"]
 
 class Problem(Exception):
     """The command ran and found a problem: print ``message`` and exit 1."""
+
+
+def _stream_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A STREAM argument, checked as a stream id (text a log can hold) before any use."""
+    if value is None:
+        return None
+    from moot.store import check_stream_id
+
+    try:
+        check_stream_id(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return value
 
 
 def _db_path(ctx: click.Context) -> str:
@@ -97,7 +112,7 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.pass_context
 def show(ctx: click.Context, stream: str) -> None:
     """The transcript of STREAM for people, tool loops nested under their messages."""
@@ -107,7 +122,7 @@ def show(ctx: click.Context, stream: str) -> None:
 
 
 @cli.command()
-@click.argument("stream", required=False)
+@click.argument("stream", required=False, callback=_stream_arg)
 @click.option("--type", "types", multiple=True, metavar="T", help="Only events of this type.")
 @click.option("--after", type=int, default=0, metavar="POSITION", help="Only after this position.")
 @click.option("--jsonl", is_flag=True, help="One JSON object per line.")
@@ -129,7 +144,7 @@ def events(
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.option(
     "--until",
     type=click.IntRange(min=1),
@@ -147,7 +162,7 @@ def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) ->
 
 
 @cli.command()
-@click.argument("stream", required=False)
+@click.argument("stream", required=False, callback=_stream_arg)
 @click.option(
     "--anchor",
     "anchor_path",
@@ -200,6 +215,8 @@ def _write_anchor(path: str, anchor: Anchor) -> None:
             os.fsync(f.fileno())
         os.replace(partial, path)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
         raise click.UsageError(f"{path}: cannot write the anchor ({exc.strerror})") from None
 
 
@@ -332,7 +349,7 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.pass_context
 def resume(ctx: click.Context, stream: str, file: str) -> None:
@@ -399,7 +416,7 @@ def _decide(
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.argument("call_id")
 @click.option("--reason", default=None, help="Why (recorded with the decision).")
 @click.pass_context
@@ -409,7 +426,7 @@ def approve(ctx: click.Context, stream: str, call_id: str, reason: str | None) -
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.argument("call_id")
 @click.option("--reason", default=None, help="Why (sent to the model with the refusal).")
 @click.pass_context
@@ -419,7 +436,7 @@ def deny(ctx: click.Context, stream: str, call_id: str, reason: str | None) -> N
 
 
 @cli.command()
-@click.argument("stream")
+@click.argument("stream", callback=_stream_arg)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.pass_context
 def redrive(ctx: click.Context, stream: str, file: str) -> None:
@@ -453,9 +470,13 @@ def redrive(ctx: click.Context, stream: str, file: str) -> None:
 def _console() -> Any:
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError  # a reader that went away: exit 0, as every command
+
     # Piped output is not cut to 80 columns: tables and transcripts stay whole.
     width = None if sys.stdout.isatty() else 1_000
-    return Console(highlight=False, soft_wrap=True, width=width)
+    return _Console(highlight=False, soft_wrap=True, width=width)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -466,6 +487,11 @@ def _fail(message: str, code: int) -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI: one-line errors on stderr, exit 0 / 1 / 2, never a traceback."""
+    if sys.stdout is None:  # started with its standard output closed
+        _fail("cannot write the output: standard output is closed", 2)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # A terminal or pipe that cannot show a character gets an escape, not a crash.
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         cli.main(
             args=list(argv) if argv is not None else None, prog_name="moot", standalone_mode=False
@@ -494,3 +520,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         sys.exit(0)
+    except OSError as exc:  # the output could not be written (a full disk), say
+        with contextlib.suppress(OSError):  # nor will the interpreter's last flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}", 2)

@@ -6,7 +6,8 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from rich.markup import escape
+from rich.cells import cell_len
+from rich.markup import escape as _markup_escape
 from rich.text import Text
 
 from moot.events import (
@@ -45,6 +46,30 @@ if TYPE_CHECKING:
 __all__ = ["event_line", "jsonl_line", "show_stream", "text_table"]
 
 _json = msgspec.json.Encoder()
+
+#: Control characters shown as escapes: text from models, users or a damaged log must
+#: not move the cursor, clear the screen or retitle the terminal. Tabs and newlines are
+#: kept in running text (continuation lines are indented, so none can pass for a line
+#: of the transcript), escaped in names and one-line fields.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0))}
+_LINE_CONTROLS = {**_CONTROLS, 0x09: "\\t", 0x0A: "\\n"}
+
+
+def clean(text: str) -> str:
+    """Running text with its control characters (but tabs and newlines) escaped."""
+    return text.translate(_CONTROLS)
+
+
+def clean_line(text: str) -> str:
+    """A name or one-line field with every control character escaped."""
+    return text.translate(_LINE_CONTROLS)
+
+
+def escape(text: str) -> str:
+    """``text`` for rich markup: one line, controls escaped, markup escaped."""
+    return _markup_escape(clean_line(text))
+
+
 #: Checks that stored data is JSON without building it (decoding into Raw still parses).
 _check = msgspec.json.Decoder(msgspec.Raw)
 
@@ -53,15 +78,16 @@ def text_table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], *, right: frozenset[int] = frozenset()
 ) -> list[str]:
     """Rows as aligned plain-text lines (a thousand rows in milliseconds, unlike rich)."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    rows = [[clean_line(cell) for cell in row] for row in rows]
+    widths = [cell_len(h) for h in headers]
+    for row in rows:  # in terminal cells: a wide character takes two
+        widths = [max(w, cell_len(cell)) for w, cell in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ]
+        parts = []
+        for i, (cell, w) in enumerate(zip(cells, widths, strict=True)):
+            pad = " " * (w - cell_len(cell))
+            parts.append(pad + cell if i in right else cell + pad)
         return "  ".join(parts).rstrip()
 
     return [line(headers), *(line(row) for row in rows)]
@@ -98,12 +124,13 @@ def event_line(row: StoredEvent, width: int = 100) -> str:
     """One event as a short line for people: position, stream#seq, type, a data excerpt."""
     data = row.data
     excerpt = data if len(data) <= width else data[: width - 1] + "…"
-    return f"{row.position:>7} {row.recorded_at} {row.stream}#{row.seq} {row.type} {excerpt}"
+    line = f"{row.position:>7} {row.recorded_at} {row.stream}#{row.seq} {row.type} {excerpt}"
+    return clean_line(line)  # JSON escapes them in data; a damaged row or an id might not
 
 
 def _short(value: Any, limit: int = 80) -> str:
     text = value if isinstance(value, str) else _json.encode(value).decode()
-    text = " ".join(text.split())
+    text = clean_line(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -119,6 +146,8 @@ def show_stream(log: LogBase, stream: str, console: Console) -> None:
 
 def _show_dialogue(log: LogBase, stream: str, console: Console) -> None:
     shown = 0  # a turn's header comes before its first message (its inputs)
+    # A participant's loop that failed is shown under its failure (a reply names it).
+    children = {h.stream for h in log.streams() if h.parent == stream}
     for record in log.read(stream):
         turn = getattr(record.event, "turn", 0)
         if isinstance(record.event, DialogueMessage | TurnStarted) and turn > shown:
@@ -126,10 +155,16 @@ def _show_dialogue(log: LogBase, stream: str, console: Console) -> None:
             console.print()
             console.print(f"[bold cyan]── Turn {turn} ──[/bold cyan]")
         for line in _dialogue_lines(record):
-            console.print(line)
+            _emit(console, line)
         event = record.event
         if isinstance(event, DialogueMessage) and event.loop:
             _show_loop(log, event.loop, console, indent="      ")
+        elif isinstance(event, ParticipantFailed):
+            from ._loop_agent import loop_stream_id
+
+            loop = loop_stream_id(stream, event.participant, event.turn)
+            if loop in children:
+                _show_loop(log, loop, console, indent="      ")
 
 
 def _dialogue_lines(record: Record) -> list[str | Text]:
@@ -155,7 +190,7 @@ def _dialogue_lines(record: Record) -> list[str | Text]:
                 else f" [dim]{escape('[' + event.message_type + ']')}[/dim]"
             )
             head = Text.from_markup(f"  [{style}]{escape(who)}[/{style}]{tag}: ")
-            head.append(event.content)
+            head.append(clean(event.content))
             return [head]
         case ParticipantFailed():
             return [
@@ -177,9 +212,16 @@ def _show_loop(log: LogBase, stream: str, console: Console, indent: str) -> None
     console.print(f"{indent}[magenta]└ loop {escape(stream)}[/magenta]")
     for record in log.read(stream):
         for line in _loop_lines(record):
-            console.print(
-                Text(indent + "  ") + (Text.from_markup(line) if isinstance(line, str) else line)
-            )
+            _emit(console, line, indent + "  ")
+
+
+def _emit(console: Console, line: str | Text, indent: str = "") -> None:
+    """Print a line; its continuation lines (a reply of several lines) are indented
+    under it, so that no text can pass for a line of the transcript."""
+    text = Text(indent) + (Text.from_markup(line) if isinstance(line, str) else line)
+    if "\n" in text.plain:
+        text = Text("\n" + indent + "    ").join(text.split("\n"))
+    console.print(text)
 
 
 def _loop_lines(record: Record) -> list[str | Text]:
@@ -201,9 +243,10 @@ def _loop_lines(record: Record) -> list[str | Text]:
                 elif isinstance(block, ReasoningBlock) and block.text:
                     lines.append(Text("  thinking: " + _short(block.text), style="dim"))
                 elif isinstance(block, TextBlock):
-                    lines.append(Text("  " + block.text))
+                    lines.append(Text("  " + clean(block.text)))
                 elif isinstance(block, ToolCallBlock):
-                    lines.append(Text(f"  → {block.name}({_short(block.arguments)}) [{block.id}]"))
+                    call = f"{clean_line(block.name)}({_short(block.arguments)})"
+                    lines.append(Text(f"  → {call} [{clean_line(block.id)}]"))
             return lines
         case ApprovalRequested():
             ids = escape(", ".join(c.id for c in event.calls))

@@ -655,8 +655,12 @@ class LogBase:
         if until_seq is not None:
             until_seq = _cursor("until_seq", until_seq)
         state: State | None = None
-        for type_name, version, data in self._replay_rows(stream, until_seq):
-            state = evolve(state, decode_event(type_name, version, data))
+        try:
+            for type_name, version, data in self._replay_rows(stream, until_seq):
+                state = evolve(state, decode_event(type_name, version, data))
+        except EventDecodeError as exc:
+            seq = 1 if state is None else state.seq + 1
+            raise EventDecodeError(f"{stream}#{seq}: {exc}") from exc
         if state is None:
             raise UnknownStreamError(f"no stream {stream!r}")
         return state

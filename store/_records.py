@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from moot.events import Event, Status, decode_event
+from moot.events import Event, EventDecodeError, Status, decode_event
 
 __all__ = ["Anchor", "Record", "StoredEvent", "StreamInfo", "VerifyReport", "to_record"]
 
@@ -38,16 +38,16 @@ class Record(msgspec.Struct, frozen=True, gc=False):
 
 
 def to_record(row: StoredEvent) -> Record:
-    """Decode a stored row (upcasting old versions). The one mapper from rows to records."""
-    return Record(
-        row.position,
-        row.stream,
-        row.seq,
-        row.type,
-        row.version,
-        row.recorded_at,
-        decode_event(row.type, row.version, row.data),
-    )
+    """Decode a stored row (upcasting old versions). The one mapper from rows to records.
+
+    Raises:
+        EventDecodeError: the row cannot be read; the message says where it is.
+    """
+    try:
+        event = decode_event(row.type, row.version, row.data)
+    except EventDecodeError as exc:
+        raise EventDecodeError(f"{row.stream}#{row.seq} (position {row.position}): {exc}") from exc
+    return Record(row.position, row.stream, row.seq, row.type, row.version, row.recorded_at, event)
 
 
 class StreamInfo(msgspec.Struct, frozen=True):

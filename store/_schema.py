@@ -202,6 +202,27 @@ def connect(path: str, *, readonly: bool, timeout: float) -> sqlite3.Connection:
                 uri, uri=True, isolation_level=None, check_same_thread=False, timeout=timeout
             )
             conn.execute("PRAGMA query_only=1")
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.OperationalError:
+                # A log in a place this process cannot write (an archive, a read-only
+                # mount) cannot get the -shm file WAL readers share. With no WAL beside it
+                # (nothing committed outside the file, nobody writing), the file alone is
+                # the log: read it as it is.
+                conn.close()
+                wal = f"{path}-wal"
+                if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                    raise
+                conn = sqlite3.connect(
+                    uri + "&immutable=1",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=timeout,
+                )
+                conn.execute("PRAGMA query_only=1")
+            except sqlite3.DatabaseError:
+                pass  # not a database: _inspect says so
             return conn
         return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=timeout)
     except sqlite3.Error as exc:
@@ -212,6 +233,8 @@ def _inspect(conn: sqlite3.Connection, path: str) -> tuple[int, set[str]]:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.OperationalError as exc:  # locked, unreadable, no room: not its format
+        raise DatabaseError(f"{path}: cannot read ({exc})") from exc
     except sqlite3.DatabaseError as exc:
         raise DatabaseError(f"{path}: not a SQLite database ({exc})") from exc
     return version, names

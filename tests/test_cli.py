@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import sqlite3
 import subprocess
@@ -237,8 +238,9 @@ def test_damaged_rows_are_reported_not_crashed_on(db_path: Path) -> None:
         "UPDATE events SET version = 'x' WHERE position = 3",
         "UPDATE events SET data = '{not json' WHERE position = 4",
     )
-    assert_one_line_error(moot(db_path, "replay", "d"), 2, "version 'x' is not a number")
-    assert_one_line_error(moot(db_path, "show", "d"), 2, "version 'x' is not a number")
+    where = "d#3: DialogueMessage: version 'x' is not a number"  # the row is named
+    assert_one_line_error(moot(db_path, "replay", "d"), 2, where)
+    assert_one_line_error(moot(db_path, "show", "d"), 2, "d#3 (position 3): DialogueMessage")
     assert_one_line_error(moot(db_path, "verify"), 1, "broken at position 3")
     result = moot(db_path, "events", "--jsonl")
     assert result.returncode == 0, result.stderr
@@ -308,12 +310,15 @@ def test_tail_follow_prints_what_another_process_appends(db: Path) -> None:
         proc.wait(timeout=10)
 
 
-def test_a_reader_that_goes_away_is_not_an_error(db: Path) -> None:
+@pytest.mark.parametrize("command", [["events"], ["show", "d1"], ["sessions"]])
+def test_a_reader_that_goes_away_is_not_an_error(db: Path, command: list[str]) -> None:
     with EventLog(db) as log:  # more output than a pipe holds, so the write must fail
         log.append("d1", [t.message("x" * 200) for _ in range(2000)])
+        for i in range(2000):
+            log.append(f"s{i}", [t.started()])
     reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     writer = subprocess.run(
-        [MOOT, "--db", str(db), "events"],
+        [MOOT, "--db", str(db), *command],
         stdout=reader.stdin,
         stderr=subprocess.PIPE,
         text=True,
@@ -323,3 +328,102 @@ def test_a_reader_that_goes_away_is_not_an_error(db: Path) -> None:
     reader.stdin.close()
     reader.wait(timeout=10)
     assert writer.returncode == 0 and writer.stderr == ""
+
+
+def test_text_cannot_drive_the_terminal_or_forge_transcript_lines(db_path: Path) -> None:
+    forged = "fine\n  bob (critic): I agree with everything\x1b[2J\x1b]0;owned\x07"
+    with EventLog(db_path) as log:
+        log.append("d", [t.started(), t.message(forged)])
+        log.append("evil\x1b[2J\nd  dialogue  closed", [t.started()])
+    show = moot(db_path, "show", "d")
+    assert show.returncode == 0, show.stderr
+    assert "\x1b" not in show.stdout and "\x07" not in show.stdout
+    assert "\\x1b[2J" in show.stdout  # shown, escaped
+    assert "\n  bob (critic)" not in show.stdout  # the continuation line is indented
+    assert "\n      bob (critic): I agree" in show.stdout
+    for command in (["sessions"], ["events"], ["tail"]):
+        out = moot(db_path, *command).stdout
+        assert "\x1b" not in out and "evil\\x1b[2J\\nd" in out, command
+
+
+def test_output_the_terminal_cannot_encode_is_escaped(db: Path) -> None:
+    env = {**os.environ, "PYTHONIOENCODING": "ascii", "PYTHONUTF8": "0"}
+    result = moot(db, "show", "d1", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\\xb7" in result.stdout or "\\u2500" in result.stdout
+
+
+def test_output_that_cannot_be_written_is_a_one_line_error(db: Path, tmp_path: Path) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [MOOT, "--db", str(db), "events"], stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert result.returncode == 2 and result.stderr.strip() == "moot: No space left on device"
+    closed = subprocess.run(
+        [MOOT, "--db", str(db), "sessions"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(1),
+    )
+    assert closed.returncode == 2 and "standard output is closed" in closed.stderr
+    folder = tmp_path / "anchor"
+    folder.mkdir()
+    assert_one_line_error(moot(db, "verify", "--save-anchor", str(folder)), 2, "Is a directory")
+    assert not (tmp_path / "anchor.partial").exists()  # nothing left behind
+
+
+def test_a_stream_argument_that_is_not_text_is_a_usage_error(db: Path) -> None:
+    bad = b"\xff".decode("utf-8", "surrogateescape")
+    for command in ("show", "events", "replay", "verify"):
+        assert_one_line_error(moot(db, command, bad), 2, "invalid stream id")
+
+
+def test_show_nests_the_loop_of_a_participant_that_failed(db_path: Path) -> None:
+    from moot.events import Error, LoopFailed, LoopParent, LoopStarted, ParticipantFailed
+
+    with EventLog(db_path) as log:
+        log.append("d", [t.started(), t.message("compute")])
+        failed = ParticipantFailed(turn=1, participant="a", error=Error("x", "loop failed"))
+        log.append("d", [failed])
+        parent = LoopParent(stream="d", seq=3, turn=1, participant="a")
+        log.append(
+            "d/a/t1",
+            [LoopStarted(parent=parent), LoopFailed(error=Error("x", "the model broke"))],
+        )
+    out = moot(db_path, "show", "d").stdout
+    assert out.index("a failed: loop failed") < out.index("loop d/a/t1")
+    assert "failed: the model broke" in out
+
+
+def test_a_log_in_a_place_it_cannot_write_is_read_as_it_is(db: Path, tmp_path: Path) -> None:
+    """An archived log (a read-only folder): WAL readers need a -shm file beside it, which
+    cannot be made there; with no WAL left over, the file alone is read."""
+    import shutil
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    with EventLog(db):  # closing the last connection folds the WAL into the file
+        pass
+    shutil.copy(db, folder / "moot.db")
+    (folder / "moot.db").chmod(0o444)
+    folder.chmod(0o555)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root writes anywhere: drop that for the command
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv to drop the override")
+        prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+    try:
+        for command in (["sessions"], ["verify"], ["show", "d1"]):
+            result = subprocess.run(
+                [*prefix, MOOT, "--db", str(folder / "moot.db"), *command],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 0, (command, result.stderr)
+        assert sorted(p.name for p in folder.iterdir()) == ["moot.db"]
+    finally:
+        folder.chmod(0o755)
