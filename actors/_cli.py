@@ -156,8 +156,10 @@ def events(
 @click.pass_context
 def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) -> None:
     """The state of STREAM rebuilt from its events, as JSON."""
+    from ._render import complete
+
     state = open_log(ctx).replay(stream, until_seq=until)
-    encoded = msgspec.json.encode(state)
+    encoded = msgspec.json.encode(complete(state))
     click.echo(encoded.decode() if as_json else msgspec.json.format(encoded, indent=2).decode())
 
 

@@ -93,6 +93,27 @@ def text_table(
     return [line(headers), *(line(row) for row in rows)]
 
 
+def complete(value: Any) -> Any:
+    """``value`` as JSON-ready builtins with every field, defaults included.
+
+    Events and their parts leave out fields at their defaults when stored (that keeps
+    rows small); a state printed for a reader or a program shows them all.
+    """
+    if isinstance(value, msgspec.Struct):
+        config = value.__struct_config__
+        out: dict[str, Any] = {}
+        if isinstance(config.tag_field, str):
+            out[config.tag_field] = config.tag
+        for name in value.__struct_fields__:
+            out[name] = complete(getattr(value, name))
+        return out
+    if isinstance(value, dict):
+        return {key: complete(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [complete(item) for item in value]
+    return value
+
+
 def jsonl_line(row: StoredEvent) -> str:
     """One event as a JSON object on one line (the ``--jsonl`` format).
 

@@ -85,12 +85,19 @@ def test_events_jsonl_is_for_machines(db: Path) -> None:
 
 
 def test_replay_prints_the_state(db: Path) -> None:
+    from moot.events import DialogueState, LoopState
+
     with EventLog(db, readonly=True) as log:
-        expected = msgspec.json.encode(log.replay("d1", until_seq=5))
+        expected, loop = log.replay("d1", until_seq=5), log.replay("loop-1")
     result = moot(db, "replay", "d1", "--until", "5", "--json")
-    assert result.stdout.strip().encode() == expected
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert msgspec.json.decode(result.stdout, type=DialogueState) == expected
     pretty = moot(db, "replay", "loop-1").stdout
-    assert msgspec.json.decode(pretty)["status"] == "completed"
+    assert msgspec.json.decode(pretty, type=LoopState) == loop
+    # Every field is printed, defaults included (stored events leave those out).
+    blocks = [b for m in msgspec.json.decode(pretty)["messages"] for b in m["content"]]
+    results = [b for b in blocks if b["kind"] == "tool_result"]
+    assert results and all("is_error" in b for b in results)
 
 
 def test_verify_ok(db: Path) -> None:
