@@ -24,7 +24,7 @@ from ._errors import DialogueError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from moot.store import Anchor, EventLog
+    from moot.store import Anchor, EventLog, StoredEvent
 
 __all__ = ["cli", "main"]
 
@@ -99,7 +99,7 @@ def sessions(ctx: click.Context, as_json: bool) -> None:
             }
             for h in heads
         ]
-        click.echo(msgspec.json.encode(rows).decode())
+        click.echo(msgspec.json.encode(rows))  # bytes: JSON is UTF-8 whatever the terminal
         return
     from ._render import text_table
 
@@ -140,7 +140,7 @@ def events(
     for row in log.read_rows(after, stream=stream):
         if wanted and row.type not in wanted:
             continue
-        click.echo(jsonl_line(row) if jsonl else event_line(row))
+        click.echo(jsonl_line(row).encode() if jsonl else event_line(row))
 
 
 @cli.command()
@@ -160,7 +160,7 @@ def replay(ctx: click.Context, stream: str, until: int | None, as_json: bool) ->
 
     state = open_log(ctx).replay(stream, until_seq=until)
     encoded = msgspec.json.encode(complete(state))
-    click.echo(encoded.decode() if as_json else msgspec.json.format(encoded, indent=2).decode())
+    click.echo(encoded if as_json else msgspec.json.format(encoded, indent=2))  # UTF-8 bytes
 
 
 @cli.command()
@@ -192,7 +192,7 @@ def verify(
     if save_anchor:
         assert report.anchor is not None
         _write_anchor(save_anchor, report.anchor)
-    click.echo(f"ok {report.checked} events")
+    _say(f"ok {report.checked} events")
 
 
 def _read_anchor(path: str) -> Anchor:
@@ -241,7 +241,10 @@ def tail(ctx: click.Context, count: int, follow: bool, jsonl: bool) -> None:
 
     log = open_log(ctx)
     start = max(0, log.last_position() - count)
-    fmt = jsonl_line if jsonl else event_line
+
+    def fmt(row: StoredEvent) -> str | bytes:
+        return jsonl_line(row).encode() if jsonl else event_line(row)
+
     position = start
     for row in log.read_rows(start):
         click.echo(fmt(row))
@@ -260,10 +263,10 @@ def tail(ctx: click.Context, count: int, follow: bool, jsonl: bool) -> None:
 
 def _print_reply(reply: Any) -> None:
     if reply.error is not None:
-        click.echo(f"turn {reply.turn}  {reply.participant} failed: {reply.error.message}")
+        _say(f"turn {reply.turn}  {reply.participant} failed: {reply.error.message}")
     else:
         text = " ".join((reply.content or "").split())
-        click.echo(f"turn {reply.turn}  {reply.participant}: {text}")
+        _say(f"turn {reply.turn}  {reply.participant}: {text}")
     sys.stdout.flush()
 
 
@@ -279,22 +282,22 @@ def _print_loop_turn(stream: str) -> Any:
                     got = results.get(call.id)
                     outcome = "?" if got is None else " ".join(got.content.split())
                     verb = "failed:" if got is not None and got.is_error else "->"
-                    click.echo(f"iteration {turn.iteration}  {call.name}({args}) {verb} {outcome}")
+                    _say(f"iteration {turn.iteration}  {call.name}({args}) {verb} {outcome}")
             case Paused():
                 for call in turn.calls:
                     args = msgspec.json.encode(call.arguments).decode()
-                    click.echo(f"awaiting approval: {call.id}  {call.name}({args})")
-                click.echo(f"  decide with: moot approve {stream} CALL_ID  (or moot deny ...)")
+                    _say(f"awaiting approval: {call.id}  {call.name}({args})")
+                _say(f"  decide with: moot approve {stream} CALL_ID  (or moot deny ...)")
             case Completed():
                 final = turn.result
-                click.echo(f"answer: {' '.join(final.text.split())}")
+                _say(f"answer: {' '.join(final.text.split())}")
                 detail = f": {final.termination.detail}" if final.termination.detail else ""
-                click.echo(
+                _say(
                     f"done ({final.termination.reason}{detail}) after "
                     f"{final.iterations} iteration(s)"
                 )
             case Failed():
-                click.echo(f"failed: {turn.error.message}")
+                _say(f"failed: {turn.error.message}")
         sys.stdout.flush()
 
     return show
@@ -320,7 +323,7 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
         )
 
     def started(stream: str) -> None:
-        click.echo(f"stream {stream}")
+        _say(f"stream {stream}")
         sys.stdout.flush()
 
     if isinstance(scenario, LoopScenario):
@@ -339,7 +342,7 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
         )
         if isinstance(outcome, Failed):
             raise Problem(f"the loop failed: {outcome.error.message}")
-        click.echo(f"completed {outcome.stream}")
+        _say(f"completed {outcome.stream}")
         return
     try:
         stream = run_dialogue(
@@ -347,7 +350,7 @@ def run(ctx: click.Context, file: str, stream_id: str | None) -> None:
         )
     except DialogueError as exc:  # a turn could not run: the session failed
         raise Problem(str(exc)) from exc
-    click.echo(f"completed {stream}")
+    _say(f"completed {stream}")
 
 
 @cli.command()
@@ -362,9 +365,9 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
     scenario = load_scenario(file)
     log = open_log(ctx, readonly=False)
     head = log.stream_info(stream)
-    click.echo(f"stream {stream}")
+    _say(f"stream {stream}")
     if head.status in ("completed", "failed", "closed"):
-        click.echo(f"nothing to resume: {stream} is {head.status}")
+        _say(f"nothing to resume: {stream} is {head.status}")
         if head.status == "failed":
             raise Problem(f"{stream} failed before")
         return
@@ -377,7 +380,7 @@ def resume(ctx: click.Context, stream: str, file: str) -> None:
             resume_dialogue(scenario, log, stream, on_reply=_print_reply)
         except DialogueError as exc:
             raise Problem(str(exc)) from exc
-    click.echo(f"completed {stream}")
+    _say(f"completed {stream}")
 
 
 def _check_new_id(stream: str) -> None:
@@ -412,7 +415,7 @@ def _decide(
             log.append(stream, [event], expected_seq=state.seq)
         except ConcurrencyError:
             continue
-        click.echo(f"{decision}d {call_id} in {stream}".replace("denyd", "denied"))
+        _say(f"{decision}d {call_id} in {stream}".replace("denyd", "denied"))
         return
     raise Problem(f"{stream} kept changing; the decision was not recorded")
 
@@ -455,14 +458,14 @@ def redrive(ctx: click.Context, stream: str, file: str) -> None:
     log.stream_info(stream)
     report = run_redrive(scenario, log, stream)
     if report.ok:
-        click.echo(f"reproduced {report.compared} events of {stream}")
+        _say(f"reproduced {report.compared} events of {stream}")
         return
     d = report.divergence
     assert d is not None
     where = f"position {d.position}" if d.position is not None else "the end of the log"
-    click.echo(f"diverged at {where} in {d.stream}")
-    click.echo(f"  expected: {d.expected}")
-    click.echo(f"  actual:   {d.actual}")
+    _say(f"diverged at {where} in {d.stream}")
+    _say(f"  expected: {d.expected}")
+    _say(f"  actual:   {d.actual}")
     raise Problem(f"diverged at {where} in {d.stream}")
 
 
@@ -481,9 +484,19 @@ def _console() -> Any:
     return _Console(highlight=False, soft_wrap=True, width=width)
 
 
+def _say(text: str) -> None:
+    """One line for people: names, replies and errors come from models and users, so
+    their control characters are shown escaped."""
+    from ._render import clean_line
+
+    click.echo(clean_line(text))
+
+
 def _fail(message: str, code: int) -> NoReturn:
+    from ._render import clean_line
+
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    click.echo(f"moot: {first}", err=True)
+    click.echo(f"moot: {clean_line(first)}", err=True)
     sys.exit(code)
 
 

@@ -159,13 +159,25 @@ class Coordinator(pykka.ThreadingActor):
     # ------------------------------------------------------------- lifecycle
 
     def on_start(self) -> None:
-        for name, agent in self._agents.items():
-            self._spawn(name, agent)
-        if self._moderator is not None:
-            self._spawn(MODERATOR, self._moderator)
+        try:
+            for name, agent in self._agents.items():
+                self._spawn(name, agent)
+            if self._moderator is not None:
+                self._spawn(MODERATOR, self._moderator)
+        except BaseException:  # pykka calls neither on_stop nor on_failure then
+            self._shut_down()
+            raise
 
     def on_stop(self) -> None:
         """Stop the participants; whoever still waits on this coordinator hears so."""
+        self._shut_down()
+
+    def on_failure(self, *_: object) -> None:
+        """A crash (pykka calls no on_stop then): the same, so that nobody waits for ever
+        and the stream may be driven again."""
+        self._shut_down()
+
+    def _shut_down(self) -> None:
         stopped = DialogueError("the dialogue's coordinator has stopped")
         if self._run is not None:
             self._run.channel.failed(str(stopped))
@@ -202,10 +214,6 @@ class Coordinator(pykka.ThreadingActor):
                 ref.actor_stopped.wait(30)
         finally:
             self._release()
-
-    def on_failure(self, *_: object) -> None:
-        """A crash (pykka calls no on_stop then): the stream may be driven again."""
-        self._release()
 
     def _spawn(self, name: str, agent: Agent) -> None:
         self._actors[name] = ParticipantActor.start(name, agent, self._post)
@@ -258,8 +266,10 @@ class Coordinator(pykka.ThreadingActor):
             case Ask("state", (), reply):
                 copy = msgspec.convert(msgspec.to_builtins(self.state), DialogueState)
                 _settle_future(reply, value=copy)
-            case _:
-                raise DialogueError(f"coordinator got an unknown message {message!r}")
+            case Ask(what, args, reply):  # a request this coordinator cannot run
+                _settle_future(reply, error=DialogueError(f"invalid request {what}{args!r}"))
+            case _:  # not for us: a stray message must not stop the dialogue
+                logger.warning("dialogue %s: ignored the message %r", self.stream, message)
         return None
 
     def _when_idle(
@@ -716,8 +726,9 @@ class Coordinator(pykka.ThreadingActor):
 def _settle_future(
     future: concurrent.futures.Future[Any], value: Any = None, error: BaseException | None = None
 ) -> None:
-    """Tell whoever waits how a request went (unless they gave up waiting: cancelled)."""
-    if not future.set_running_or_notify_cancel():
+    """Tell whoever waits how a request went (unless they gave up waiting: cancelled;
+    or it was told already)."""
+    if future.done() or not future.set_running_or_notify_cancel():
         return
     if error is None:
         future.set_result(value)

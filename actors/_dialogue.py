@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Dialogue", "Input", "Participant", "new_stream_id"]
 
+_STOPPED = "the dialogue's coordinator has stopped"
 _TURN_IN_PROGRESS = "the turn in progress did not end within {wait} s"
 _NO_ANSWER = "the coordinator did not answer within {wait} s"
 _CLOSE_QUEUED = (
@@ -134,6 +135,8 @@ class Dialogue:
         self._stopped = stopped
         self.timeout = timeout
         self._closed = False
+        #: stop() was called: a close asked for before it is given up.
+        self._stopping = False
         self._lock = threading.Lock()
         #: The close under way, once asked for.
         self._closing: concurrent.futures.Future[Any] | None = None
@@ -334,10 +337,7 @@ class Dialogue:
     def _start(self, inputs: tuple[DialogueMessage, ...] | None) -> Session:
         self._check_open()
         channel = Channel()
-        try:
-            self._ref.tell(StartTurn(inputs, channel))
-        except pykka.ActorDeadError as exc:
-            raise DialogueError("the dialogue's coordinator has stopped") from exc
+        self._tell(StartTurn(inputs, channel), lambda: channel.failed(_STOPPED))
         return Session(channel)
 
     def run(self, *inputs: str | Input, timeout: float | None = None) -> list[TurnReply]:
@@ -394,11 +394,16 @@ class Dialogue:
     def remove(self, name: str, *, timeout: float | None = None) -> None:
         """Remove a participant (after a turn in progress ends; as with :meth:`join`, a
         removal that times out waiting stays queued)."""
-        self._wait(self._send("remove", name), timeout)
+        self._wait(self._remove(name), timeout)
 
     async def remove_async(self, name: str, *, timeout: float | None = None) -> None:
         """:meth:`remove` for asyncio: waits without blocking the event loop."""
-        await self._wait_async(self._send("remove", name), timeout)
+        await self._wait_async(self._remove(name), timeout)
+
+    def _remove(self, name: str) -> concurrent.futures.Future[Any]:
+        if not isinstance(name, str):
+            raise DialogueError(f"a participant's name is text, not {type(name).__name__}")
+        return self._send("remove", name)
 
     # --------------------------------------------------------------- looking
 
@@ -447,9 +452,13 @@ class Dialogue:
     def _closing_future(self, reason: str) -> concurrent.futures.Future[Any] | None:
         """The close under way (asked for now if it is the first call), or None if this
         object was stopped without a close."""
+        if not isinstance(reason, str):
+            raise DialogueError(f"a close reason is text, not {type(reason).__name__}")
         with self._lock:
+            if self._stopping:  # stop() gave the dialogue up: nothing is left to close
+                return None
             if self._closing is None:
-                if self._closed:  # stop() came first
+                if self._closed:
                     return None
                 try:
                     self._closing = self._send("close", reason)
@@ -469,7 +478,8 @@ class Dialogue:
     def stop(self) -> None:
         """Stop the actors without recording a close (the dialogue stays open); also
         after a :meth:`close` that timed out, to give up the turn it waits for."""
-        self._closed = True
+        with self._lock:
+            self._closed = self._stopping = True
         stuck = DialogueError(f"the dialogue's actors did not stop within {self.timeout} s")
         if self._ref.is_alive():
             try:
@@ -489,11 +499,22 @@ class Dialogue:
         """Tell the coordinator a request; the future is settled when it has run."""
         self._check_open()
         reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._tell(Ask(what, args, reply), lambda: _fail_future(reply))
+        return reply
+
+    def _tell(self, message: Any, lost: Callable[[], None]) -> None:
+        """Tell the coordinator; if it stopped meanwhile, call ``lost`` once it has.
+
+        pykka checks that an actor is alive, then queues the message: one that arrives
+        after a stopping coordinator last looked at its inbox is dropped unread, so
+        whoever waits for it is told here instead (telling twice is harmless).
+        """
         try:
-            self._ref.tell(Ask(what, args, reply))
+            self._ref.tell(message)
         except pykka.ActorDeadError as exc:
             raise DialogueError("the dialogue's coordinator has stopped") from exc
-        return reply
+        if not self._ref.is_alive() and self._stopped.wait(self.timeout):
+            lost()
 
     def _wait(
         self,
@@ -550,6 +571,12 @@ def _signalling(release: Callable[[], None], stopped: threading.Event) -> Callab
             stopped.set()
 
     return released
+
+
+def _fail_future(future: concurrent.futures.Future[Any]) -> None:
+    if not future.done():
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            future.set_exception(DialogueError(_STOPPED))
 
 
 def _stop_soon(ref: pykka.ActorRef[Any]) -> None:

@@ -184,6 +184,20 @@ def open_held(path: str, *, readonly: bool, timeout: float) -> tuple[sqlite3.Con
     return conn, release
 
 
+class Archive(sqlite3.Connection):
+    """A read-only connection to a log read as it is (SQLite's immutable mode): nobody
+    can be writing it, so it is never followed for new events."""
+
+
+def _archived(path: str, error: sqlite3.OperationalError) -> bool:
+    """Whether a read-only open failed only because the folder cannot be written."""
+    name = getattr(error, "sqlite_errorname", "")
+    if not name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return False
+    folder = os.path.dirname(os.path.abspath(path))
+    return not os.access(folder, os.W_OK) and not os.path.exists(f"{path}-wal")
+
+
 def connect(path: str, *, readonly: bool, timeout: float) -> sqlite3.Connection:
     """Open a connection without writing anything (autocommit, usable from any thread).
 
@@ -204,21 +218,21 @@ def connect(path: str, *, readonly: bool, timeout: float) -> sqlite3.Connection:
             conn.execute("PRAGMA query_only=1")
             try:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            except sqlite3.OperationalError:
-                # A log in a place this process cannot write (an archive, a read-only
-                # mount) cannot get the -shm file WAL readers share. With no WAL beside it
-                # (nothing committed outside the file, nobody writing), the file alone is
-                # the log: read it as it is.
-                conn.close()
-                wal = f"{path}-wal"
-                if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            except sqlite3.OperationalError as exc:
+                if not _archived(path, exc):
                     raise
+                # A log in a folder this process cannot write (an archive, a read-only
+                # mount) cannot get the -shm file WAL readers share. With no WAL beside it
+                # (nothing committed outside the file, and no writer, who would have
+                # made one), the file alone is the log: read it as it is.
+                conn.close()
                 conn = sqlite3.connect(
                     uri + "&immutable=1",
                     uri=True,
                     isolation_level=None,
                     check_same_thread=False,
                     timeout=timeout,
+                    factory=Archive,
                 )
                 conn.execute("PRAGMA query_only=1")
             except sqlite3.DatabaseError:

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 import msgspec
 
-from ._base import LogBase, StaleHeads
+from ._base import LogBase, StaleHeads, Subscription
 from ._errors import DatabaseError, StoreError
 from ._records import Anchor, StoredEvent, StreamInfo, VerifyReport
-from ._schema import open_held, prepare
+from ._schema import Archive, open_held, prepare
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -293,6 +293,8 @@ class EventLog(LogBase):
             conn.close()
             release()
             raise
+        #: Read as it is, from a folder this process cannot write (see schema.connect).
+        self.archive = isinstance(conn, Archive)
         self.sealed = self.meta.get("hash") == "hmac-sha256"
         if self.sealed and self._key is None:
             self._refusal = f"{self.path}: this log is sealed with an audit key; give the key"
@@ -443,6 +445,16 @@ class EventLog(LogBase):
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")  # nothing was written: ends the read
+
+    def subscribe(
+        self, after_position: int = 0, *, stream: str | None = None, poll_interval: float = 0.05
+    ) -> Subscription:
+        if self.archive:
+            raise DatabaseError(
+                f"{self.path}: read as an archive (its folder cannot be written, so nobody "
+                "appends to it); there is nothing to follow"
+            )
+        return super().subscribe(after_position, stream=stream, poll_interval=poll_interval)
 
     #: Checkpoint once about this many bytes are in the WAL (SQLite's default: 1,000 pages).
     CHECKPOINT_BYTES = 4_096_000

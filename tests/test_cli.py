@@ -432,5 +432,40 @@ def test_a_log_in_a_place_it_cannot_write_is_read_as_it_is(db: Path, tmp_path: P
             )
             assert result.returncode == 0, (command, result.stderr)
         assert sorted(p.name for p in folder.iterdir()) == ["moot.db"]
+        follow = subprocess.run(
+            [*prefix, MOOT, "--db", str(folder / "moot.db"), "tail", "--follow"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert_one_line_error(follow, 2, "there is nothing to follow")
     finally:
         folder.chmod(0o755)
+
+
+def test_json_output_is_utf8_whatever_the_terminal(db_path: Path) -> None:
+    with EventLog(db_path) as log:
+        log.append("d", [t.started(), t.message("smile \U0001f600, café")])
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1", "PYTHONUTF8": "0"}
+    for command in (["events", "--jsonl"], ["replay", "d", "--json"], ["sessions", "--json"]):
+        result = subprocess.run(
+            [MOOT, "--db", str(db_path), *command], capture_output=True, env=env, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        for line in result.stdout.decode("utf-8").splitlines():
+            msgspec.json.decode(line)  # valid JSON, one object a line
+    assert "\U0001f600" in moot(db_path, "events", "--jsonl").stdout
+
+
+def test_run_output_and_errors_escape_control_characters(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(
+        '[dialogue]\nmode = "broadcast"\nturns = ["go"]\n\n[[participant]]\nname = "a"\n'
+        'agent = "scripted"\nreplies = ["ok \\u001b]0;owned\\u0007 done"]\n'
+    )
+    db = tmp_path / "m.db"
+    result = moot(db, "run", str(scenario))
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\\x1b]0;owned\\x07" in result.stdout
+    bad = moot(db, "approve", "no\x1b[2Jpe", "call")
+    assert bad.returncode == 2 and "\x1b" not in bad.stderr and "\\x1b[2J" in bad.stderr

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any
 
 import pytest
 
 from moot.actors._agents import CallableAgent, Payload
+from moot.actors._coordinator import Ask
 from moot.actors._dialogue import Dialogue, Participant
 from moot.actors._errors import DialogueError
 from moot.actors._session import Channel, Session, TurnReply
@@ -220,3 +222,64 @@ def test_giving_up_an_async_join_leaves_it_queued() -> None:
 
     asyncio.run(asyncio.wait_for(main(), T))
     assert closes(log, d.stream) == 1
+
+
+def test_a_malformed_request_is_refused_and_the_dialogue_goes_on() -> None:
+    agent = CallableAgent(lambda payload: "yes")
+    d = Dialogue.create(MemoryEventLog(), participants=[Participant("a", agent)])
+    with pytest.raises(DialogueError, match="name is text"):
+        d.remove(None)  # type: ignore[arg-type]
+    with pytest.raises(DialogueError, match="invalid request"):
+        d._wait(d._send("remove", 42))  # past the facade's checks: the coordinator says so
+    with pytest.raises(DialogueError, match="reason is text"):
+        d.close(reason=None)  # type: ignore[arg-type]
+    assert [r.content for r in d.run("still here?", timeout=T)] == ["yes"]
+    d.close()
+
+
+def test_closing_after_giving_a_close_up_with_stop_is_quiet() -> None:
+    gate, running = threading.Event(), threading.Event()
+    log = MemoryEventLog()
+    with Dialogue.create(log, participants=[Participant("a", gated_agent(gate, running))]) as d:
+        d.session("go")
+        assert running.wait(T)
+        with pytest.raises(DialogueError, match=r"stop\(\) to give it up"):
+            d.close(timeout=0.05)
+        stopper = threading.Thread(target=d.stop)
+        stopper.start()
+        gate.set()
+        stopper.join(T)
+        assert not stopper.is_alive()
+    # leaving the block closed nothing more, and said nothing
+    assert closes(log, d.stream) == 0
+    assert not d._ref.is_alive()
+
+
+def test_a_crashed_coordinator_fails_its_turn_and_gives_the_stream_back() -> None:
+    gate, running = threading.Event(), threading.Event()
+    log = MemoryEventLog()
+    d = Dialogue.create(log, participants=[Participant("a", gated_agent(gate, running))])
+    session = d.session("go")
+    assert running.wait(T)
+    queued = d.session("next")
+    d._ref.tell(object())  # a stray message is ignored, not a crash
+    assert list(d.state().participants) == ["a"]
+    # A request whose handling raises: pykka's crash path.
+    d._ref.tell(Ask(_Crash(), (), concurrent.futures.Future()))  # type: ignore[arg-type]
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        session.all(timeout=T)
+    with pytest.raises(DialogueError, match="coordinator has stopped"):
+        queued.all(timeout=T)
+    gate.set()
+    assert d._stopped.wait(T)
+    again = Dialogue.resume(log, d.stream, {"a": CallableAgent(str)})
+    again.stop()
+
+
+class _Crash:
+    """Breaks the coordinator's match statement: comparing it raises."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("boom")
+
+    __hash__ = object.__hash__
