@@ -39,6 +39,7 @@ from moot.events import (
     LoopDetected,
     LoopDetectionInfo,
     LoopFailed,
+    LoopStarted,
     LoopState,
     MessagesInjected,
     ObservationsMasked,
@@ -87,9 +88,63 @@ def text(t: str, delay_ms: float = 0) -> ScriptedReply:
 
 @pytest.fixture
 def log(tmp_path: Path) -> Iterator[LogBase]:
+    """A log on disk; when the test is over, every loop stream in it must be causal."""
     opened = EventLog(tmp_path / "moot.db")
     yield opened
-    opened.close()
+    try:
+        for head in opened.streams():
+            if head.kind == "loop":
+                events = [r.event for r in opened.read(head.stream)]
+                assert causal_problems(events) == [], head.stream
+    finally:
+        opened.close()
+
+
+def causal_problems(events: list[Any]) -> list[str]:
+    """What in a loop stream is out of causal order: each model call between its
+    IterationStart and LlmResponse; a tool started only when a response asked for it,
+    once, and never when denied; ended only after it started; every call of a response
+    answered before the next model call; the end last."""
+    problems: list[str] = []
+    if not events or not isinstance(events[0], LoopStarted):
+        return ["the first event is not LoopStarted"]
+    asked: dict[str, int] = {}  # call id -> the iteration whose response asked for it
+    started: set[str] = set()
+    ended: set[str] = set()
+    denied: set[str] = set()
+    iteration, calling = 0, False
+    for i, event in enumerate(events):
+        if isinstance(event, Done | LoopFailed) and i != len(events) - 1:
+            problems.append(f"#{i} {type(event).__name__} is not the last event")
+        match event:
+            case IterationStart():
+                unanswered = [
+                    c for c, n in asked.items() if n == iteration and c not in ended | denied
+                ]
+                if unanswered:
+                    problems.append(f"#{i} a model call before {unanswered} were answered")
+                iteration, calling = event.iteration, True
+            case LlmResponse():
+                if not calling or event.iteration != iteration:
+                    problems.append(f"#{i} a response without its IterationStart")
+                calling = False
+                asked.update(
+                    (b.id, event.iteration) for b in event.content if isinstance(b, ToolCallBlock)
+                )
+            case ToolCallDecided():
+                if event.call_id not in asked:
+                    problems.append(f"#{i} a decision on {event.call_id}, never asked for")
+                if event.decision == "deny":
+                    denied.add(event.call_id)
+            case ToolExecutionStart():
+                if event.call_id not in asked or event.call_id in denied | started:
+                    problems.append(f"#{i} {event.call_id} started unasked, denied or twice")
+                started.add(event.call_id)
+            case ToolExecutionEnd():
+                if event.call_id not in started or event.call_id in ended:
+                    problems.append(f"#{i} {event.call_id} ended before it started, or twice")
+                ended.add(event.call_id)
+    return problems
 
 
 class Run:
@@ -113,7 +168,10 @@ class Run:
         )
 
     def turn(self) -> Any:
-        return self.handle.next_turn(timeout=T)
+        turn = self.handle.next_turn(timeout=T)
+        if isinstance(turn, Yielded | Paused):  # the live state is the log's, every time
+            assert self.state() == self.replay()
+        return turn
 
     def result(self) -> LoopResult:
         return self.handle.run(timeout=T)
@@ -247,15 +305,28 @@ def test_a_failing_tool_is_an_error_result(log: LogBase) -> None:
 
 def test_stop_conditions_see_the_right_context(log: LogBase) -> None:
     seen: list[tuple[int, int, list[str]]] = []
+    contexts: list[StopContext] = []
 
     def stop_after_one_call(ctx: StopContext) -> bool:
         seen.append((ctx.iteration, ctx.calls_executed, [r.content for r in ctx.last_results]))
+        contexts.append(ctx)
         return ctx.calls_executed >= 1
 
-    run = Run(log, [calls(ADD), calls(ADD), text("never")], stop_when=stop_after_one_call)
+    other = ("add", {"a": 1, "b": 1})
+    run = Run(log, [calls(ADD), calls(other), text("never")], stop_when=stop_after_one_call)
     result = run.result()
     assert result.termination.reason == "stop_condition" and result.iterations == 2
     assert seen == [(1, 0, []), (2, 1, ["5.0"])]
+    # Each sees its own response, and the usage of the loop so far, that response included.
+    responses = run.events(LlmResponse)
+    assert [[(c.name, c.arguments) for c in ctx.response.tool_calls] for ctx in contexts] == [
+        [ADD],
+        [other],
+    ]
+    for n, ctx in enumerate(contexts, 1):
+        so_far = responses[:n]
+        assert ctx.usage.input_tokens == sum(r.usage.input_tokens for r in so_far) > 0
+        assert ctx.usage.output_tokens == sum(r.usage.output_tokens for r in so_far) > 0
 
 
 def test_a_stop_condition_may_stop_before_the_tools_run(log: LogBase) -> None:

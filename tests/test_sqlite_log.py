@@ -444,22 +444,26 @@ def test_a_forged_row_with_plain_sha256_is_found_under_an_audit_key(db_path: Pat
     last_seq, last_hash = conn.execute(
         "SELECT last_seq, last_hash FROM streams WHERE stream = 'd'"
     ).fetchone()
-    data = msgspec.json.encode(message("forged")).decode()
-    at = "2026-01-01T00:00:00.000000Z"
-    header = msgspec.json.encode((last_hash, "d", last_seq + 1, "DialogueMessage", 1, at))
-    forged = hashlib.sha256(header + b"\n" + data.encode()).hexdigest()
+    data = msgspec.json.encode(message("forged"))
+    at = "2099-01-01T00:00:00.000000Z"  # the newest row, as its head says
+    # The hash exactly as a log without a key computes it: a correct plain SHA-256 chain.
+    forged = chain_hash(None, last_hash, "d", last_seq + 1, "DialogueMessage", 1, at, data)
     conn.execute(
         "INSERT INTO events (position, stream, seq, type, version, recorded_at, data, prev_hash,"
         " hash) VALUES (13, 'd', ?, 'DialogueMessage', 1, ?, ?, ?, ?)",
-        (last_seq + 1, at, data, last_hash, forged),
+        (last_seq + 1, at, data.decode(), last_hash, forged),
     )
     conn.execute(
-        "UPDATE streams SET last_seq = ?, last_hash = ?, last_position = 13 WHERE stream = 'd'",
-        (last_seq + 1, forged),
+        "UPDATE streams SET last_seq = ?, last_hash = ?, last_position = 13, updated_at = ?"
+        " WHERE stream = 'd'",
+        (last_seq + 1, forged, at),
     )
     conn.commit()
     conn.close()
-    assert verify(db_path, key) == (False, 13)
+    with EventLog(db_path, readonly=True, audit_key=key) as log:
+        report = log.verify()
+    assert (report.ok, report.first_bad) == (False, 13)
+    assert "hash" in (report.reason or ""), report.reason
     # Without the key nobody can verify (or write) a sealed log.
     with pytest.raises(DatabaseError, match="audit key"), EventLog(db_path, readonly=True) as log:
         log.verify()
