@@ -20,10 +20,12 @@ from moot.events import (
     DialogueStarted,
     DialogueState,
     Done,
+    Error,
     EventDecodeError,
     IterationStart,
     JoiningStrategy,
     LlmResponse,
+    LoopFailed,
     LoopStarted,
     LoopState,
     MessagesInjected,
@@ -42,6 +44,7 @@ from moot.events import (
     ToolResultBlock,
     TurnCompleted,
     TurnStarted,
+    Usage,
     decode_event,
     encode_event,
     evolve,
@@ -298,3 +301,73 @@ def test_folding_is_deterministic_and_replay_equals_step_by_step(events: list[ob
             state = evolve(state, event)  # type: ignore[arg-type]
             assert log.replay("d", until_seq=k) == state
         assert log.replay("d") == once
+
+
+@st.composite
+def loop_streams(draw: st.DrawFn) -> list[object]:
+    """A plausible tool-loop stream: iterations of zero to three calls, run in any
+    order, some asked about and denied, injections and masking, then an end or not."""
+    usage = Usage(input_tokens=draw(st.integers(1, 50)), output_tokens=draw(st.integers(1, 50)))
+    events: list[object] = [LoopStarted(messages=(ChatMessage.text("user", "go"),))]
+    iterations = draw(st.integers(0, 5))
+    for iteration in range(1, iterations + 1):
+        events.append(IterationStart(iteration=iteration, message_count=len(events)))
+        calls = [
+            ToolCallBlock(id=f"c{iteration}_{i}", name="add", arguments={"a": draw(st.integers())})
+            for i in range(draw(st.integers(0, 3)))
+        ]
+        text = draw(st.text(max_size=5))
+        content = (TextBlock(text=text), *calls) if text else tuple(calls)
+        stop = "tool_use" if calls else "end_turn"
+        events.append(
+            LlmResponse(iteration=iteration, content=content, usage=usage, stop_reason=stop)
+        )
+        denied = [c for c in calls if draw(st.booleans()) and draw(st.booleans())]
+        if denied:
+            events.append(ApprovalRequested(calls=tuple(denied)))
+            for call in denied:
+                events.append(
+                    ToolCallDecided(call_id=call.id, tool_name="add", decision="deny", reason="no")
+                )
+        ran = [c for c in calls if c not in denied]
+        for call in draw(st.permutations(ran)):
+            events.append(ToolExecutionStart(call_id=call.id, tool_name="add", arguments={}))
+            error = draw(st.booleans())
+            events.append(
+                ToolExecutionEnd(call_id=call.id, tool_name="add", content="r", is_error=error)
+            )
+        if draw(st.booleans()):
+            events.append(
+                MessagesInjected(messages=(ChatMessage.text("user", "more"),), source="command")
+            )
+        if draw(st.booleans()):
+            events.append(ObservationsMasked(masked_count=draw(st.integers(0, 3)), tokens_saved=1))
+    ending = draw(st.sampled_from(["done", "failed", "open"]))
+    if ending == "done":
+        events.append(
+            Done(termination=Termination(reason="complete"), iterations=iterations, usage=usage)
+        )
+    elif ending == "failed":
+        events.append(LoopFailed(error=Error(kind="x", message="y"), iterations=iterations))
+    return events
+
+
+@settings(max_examples=150, deadline=None)
+@given(loop_streams())
+def test_loop_folds_are_deterministic_and_replay_equals_step_by_step(events: list[object]) -> None:
+    once = fold(events)
+    assert once == fold(copy.deepcopy(events))
+    with EventLog(":memory:") as log:
+        log.append("l", events)  # type: ignore[arg-type]
+        state = None
+        for k, event in enumerate(events, start=1):
+            state = evolve(state, event)  # type: ignore[arg-type]
+            assert state == fold(events[:k])
+            assert log.replay("l", until_seq=k) == state
+        assert log.replay("l") == once == state
+
+
+def test_the_samples_hold_every_event_type() -> None:
+    """The round-trip tests use the samples: a new event type must be added to them."""
+    sampled = {type(e).__name__ for e in [*dialogue_events(), *loop_events()]}
+    assert sampled == set(moot.events.EVENT_TYPES)
